@@ -1,0 +1,31 @@
+"""The exceptions cdft raises on purpose.
+
+Every failure a user can cause or fix is one of these, so the CLI can print a single
+clear line with the right exit code instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class CdftError(Exception):
+    """A runtime failure the user can act on (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(CdftError):
+    """Bad input: an unknown name, a bad option, an impossible combination (exit code 2)."""
+
+    exit_code = 2
+
+
+class PluginError(CdftError):
+    """A plugin failed to load or registered something invalid."""
+
+
+class PluginUnavailable(Exception):
+    """Raised by a plugin (at import or inside a hook) whose optional dependency is missing.
+
+    Such a plugin is reported as *unavailable* with this message (which should say how
+    to install what is missing), not as broken.
+    """

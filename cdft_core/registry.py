@@ -1,0 +1,414 @@
+"""The component registry: loads plugins one at a time, records what each registers, resolves names.
+
+Plugins load lazily (on the first :func:`get_registry` call, inside a command), each inside
+its own error capture, so one broken plugin never takes the CLI down; ``cdft plugins``
+shows it with its error. The environment switches are read when loading, not at import:
+
+- ``CDFT_PLUGINS=a,b``: load only these entry-point plugins (empty: none of them);
+- ``CDFT_DISABLE_PLUGINS=a,b``: skip these plugins (entry-point or built-in);
+- ``CDFT_STRICT_PLUGINS=1``: re-raise load errors (for plugin authors).
+
+A name in either list that is not installed is an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+import pluggy
+
+from cdft_core import hookspecs
+from cdft_core.errors import PluginError, PluginUnavailable, UsageError
+
+KINDS: tuple[str, ...] = ("dataset", "backbone", "adapter", "strategy")
+HOOKS: dict[str, str] = {
+    "dataset": "register_datasets",
+    "backbone": "register_backbones",
+    "adapter": "register_adapters",
+    "strategy": "register_strategies",
+}
+ENTRY_POINT_GROUP = "cdft"
+
+#: Built-in plugins, in load order: the core registers them through the same hooks as
+#: any third-party package (no private back door).
+BUILTIN_PLUGINS: dict[str, str] = {
+    "breakhis": "cdft_plugins.breakhis",
+    "hcrf": "cdft_plugins.hcrf",
+    "csv": "cdft_plugins.csv_dataset",
+    "imagefolder": "cdft_plugins.imagefolder",
+    "timm": "cdft_plugins.timm_backbones",
+    "open_clip": "cdft_plugins.open_clip_backbones",
+    "adapters": "cdft_plugins.adapters",
+    "strategies": "cdft_plugins.strategies",
+}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-/ ]*$")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One registered component: what ``cdft list`` shows and what a factory builds from."""
+
+    name: str
+    kind: str
+    factory: Callable[..., Any]
+    description: str
+    provider: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "provider": self.provider,
+            "description": self.description,
+            "metadata": _jsonable(dict(self.metadata)),
+        }
+
+
+@dataclass(frozen=True)
+class Resolver:
+    """An open-ended provider: claims names it recognises (e.g. any timm model name).
+
+    ``claim(name)`` returns ``None`` or a mapping with ``factory`` and optionally
+    ``description``, ``metadata`` and ``name`` (a canonical spelling).
+    ``catalogue()`` lists the names it can resolve, for ``cdft list --all`` and patterns.
+    """
+
+    kind: str
+    provider: str
+    claim: Callable[[str], Mapping[str, Any] | None]
+    catalogue: Callable[[], Iterable[str]] | None
+    description: str
+
+
+@dataclass
+class PluginInfo:
+    """What ``cdft plugins`` reports for one plugin."""
+
+    name: str
+    distribution: str
+    version: str
+    builtin: bool
+    hooks: list[str] = field(default_factory=list)
+    status: str = "ok"  # ok | broken | unavailable
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "builtin": self.builtin,
+            "hooks": self.hooks,
+            "status": self.status,
+            "error": self.error,
+        }
+
+
+class Registrar:
+    """The ``register`` callable handed to a hook; records registrations for one plugin.
+
+    Registrations are staged and committed only when the hook returns, so a hook that
+    raises half-way registers nothing.
+    """
+
+    def __init__(self, kind: str, provider: str) -> None:
+        self.kind = kind
+        self.provider = provider
+        self.components: list[tuple[Component, bool]] = []
+        self.resolvers: list[Resolver] = []
+
+    def __call__(
+        self,
+        name: str,
+        factory: Callable[..., Any],
+        *,
+        description: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        override: bool = False,
+    ) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise PluginError(f"plugin {self.provider!r} registered an invalid {self.kind} name {name!r}")
+        if not callable(factory):
+            raise PluginError(f"plugin {self.provider!r}: the factory for {self.kind} {name!r} is not callable")
+        component = Component(
+            name=name,
+            kind=self.kind,
+            factory=factory,
+            description=_one_line(description),
+            provider=self.provider,
+            metadata=dict(metadata or {}),
+        )
+        self.components.append((component, override))
+
+    def resolver(
+        self,
+        claim: Callable[[str], Mapping[str, Any] | None],
+        *,
+        catalogue: Callable[[], Iterable[str]] | None = None,
+        description: str = "",
+    ) -> None:
+        """Claim an open-ended family of names (tried after exact matches, in load order)."""
+        self.resolvers.append(Resolver(self.kind, self.provider, claim, catalogue, _one_line(description)))
+
+
+class Registry:
+    """Components by kind and name, the resolvers, and the load report of every plugin."""
+
+    def __init__(self) -> None:
+        self.components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+        self._overrides: dict[tuple[str, str], bool] = {}
+        self.resolvers: dict[str, list[Resolver]] = {kind: [] for kind in KINDS}
+        self.plugins: list[PluginInfo] = []
+
+    # -- building -------------------------------------------------------------------
+    def commit(self, registrar: Registrar) -> None:
+        """Add one hook call's registrations; a clash raises and adds none of them."""
+        table = self.components[registrar.kind]
+        staged: dict[str, tuple[Component, bool]] = {}
+        for component, override in registrar.components:
+            existing = staged.get(component.name, (table.get(component.name), self._overrides.get((component.kind, component.name), False)))
+            old, old_override = existing
+            if old is not None:
+                if override and not old_override:
+                    pass  # documented rule: an explicit override wins
+                elif old_override and not override:
+                    continue  # the earlier explicit override stays
+                else:
+                    raise PluginError(
+                        f"{component.kind} {component.name!r} is registered by both plugin "
+                        f"{old.provider!r} and plugin {component.provider!r}; rename one, "
+                        f"or pass override=True in the plugin that should win"
+                    )
+            staged[component.name] = (component, override)
+        for name, (component, override) in staged.items():
+            table[name] = component
+            self._overrides[(component.kind, name)] = override
+        self.resolvers[registrar.kind].extend(registrar.resolvers)
+
+    # -- queries --------------------------------------------------------------------
+    def get(self, kind: str, name: str) -> Component:
+        """Resolve a name: exact match, then resolvers, else a "did you mean" usage error."""
+        kind = normalise_kind(kind)
+        table = self.components[kind]
+        if name in table:
+            return table[name]
+        for resolver in self.resolvers[kind]:
+            try:
+                claimed = resolver.claim(name)
+            except UsageError:
+                raise
+            except Exception as exc:  # a resolver bug must still be one clear line
+                raise PluginError(f"plugin {resolver.provider!r} failed while resolving {kind} {name!r}: {exc}") from exc
+            if claimed:
+                return Component(
+                    name=claimed.get("name", name),
+                    kind=kind,
+                    factory=claimed["factory"],
+                    description=_one_line(claimed.get("description", resolver.description)),
+                    provider=resolver.provider,
+                    metadata=dict(claimed.get("metadata", {})),
+                )
+        raise UsageError(self._unknown_message(kind, name))
+
+    def list(self, kind: str | None = None, pattern: str | None = None, include_all: bool = False) -> list[Component]:
+        """Curated components (plus resolver catalogues with ``include_all`` or a pattern)."""
+        kinds = [normalise_kind(kind)] if kind else list(KINDS)
+        out: list[Component] = []
+        for k in kinds:
+            rows = dict(self.components[k])
+            if include_all or pattern:
+                for resolver in self.resolvers[k]:
+                    for name in self._catalogue(resolver):
+                        if name not in rows and (pattern is None or fnmatch.fnmatchcase(name, pattern)):
+                            rows[name] = Component(name, k, _unresolved, resolver.description, resolver.provider, {"catalogue": True})
+            for name in sorted(rows, key=_natural_key):
+                if pattern is None or fnmatch.fnmatchcase(name, pattern):
+                    out.append(rows[name])
+        return out
+
+    def plugin(self, name: str) -> PluginInfo | None:
+        return next((p for p in self.plugins if p.name == name), None)
+
+    def problems(self) -> list[PluginInfo]:
+        """Plugins that failed to load (not the merely unavailable ones)."""
+        return [p for p in self.plugins if p.status == "broken"]
+
+    def _catalogue(self, resolver: Resolver) -> list[str]:
+        if resolver.catalogue is None:
+            return []
+        try:
+            return list(resolver.catalogue())
+        except Exception as exc:
+            raise PluginError(f"plugin {resolver.provider!r} failed to list its catalogue: {exc}") from exc
+
+    def _unknown_message(self, kind: str, name: str) -> str:
+        known = list(self.components[kind])
+        try:
+            for resolver in self.resolvers[kind]:
+                known.extend(self._catalogue(resolver))
+        except PluginError:
+            pass
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        message = f"unknown {kind} {name!r}"
+        if close:
+            message += "; did you mean " + ", ".join(repr(c) for c in close) + "?"
+        else:
+            message += f"; see `cdft list {kind}s`"
+        unavailable = [p for p in self.plugins if p.status == "unavailable"]
+        for info in unavailable:
+            message += f" (plugin {info.name!r} is unavailable: {info.error})"
+        return message
+
+
+# -- loading ------------------------------------------------------------------------
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = load_registry()
+    return _REGISTRY
+
+
+def reset_registry() -> None:
+    """Forget the cached registry (tests, and code that changes the environment switches)."""
+    global _REGISTRY
+    _REGISTRY = None
+
+
+def load_registry(
+    *,
+    builtins: bool = True,
+    entry_points: bool = True,
+    extra_plugins: Iterable[tuple[str, object]] = (),
+    strict: bool | None = None,
+) -> Registry:
+    """Build a registry: built-in plugins, then entry points, then ``extra_plugins``.
+
+    ``extra_plugins`` are ``(name, module_or_object)`` pairs registered in-process (tests).
+    """
+    if strict is None:
+        strict = os.environ.get("CDFT_STRICT_PLUGINS", "") not in ("", "0", "false")
+    disabled = _env_list("CDFT_DISABLE_PLUGINS")
+    only = _env_list("CDFT_PLUGINS")
+    registry = Registry()
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+
+    from cdft_core import __version__
+
+    candidates: list[tuple[PluginInfo, Callable[[], object]]] = []
+    if builtins:
+        for name, module in BUILTIN_PLUGINS.items():
+            info = PluginInfo(name, "cdft", __version__, builtin=True)
+            candidates.append((info, lambda module=module: importlib.import_module(module)))
+    eps = list(importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)) if entry_points else []
+    ep_names = {ep.name for ep in eps}
+    known = ep_names | (set(BUILTIN_PLUGINS) if builtins else set())
+    for label, names, pool in (("CDFT_PLUGINS", only, ep_names), ("CDFT_DISABLE_PLUGINS", disabled, known)):
+        missing = sorted((names or set()) - pool)
+        if missing:
+            raise UsageError(
+                f"{label} names plugin(s) that are not installed: {', '.join(missing)}; "
+                f"installed entry-point plugins: {', '.join(sorted(ep_names)) or 'none'}"
+            )
+    for ep in eps:
+        if only is not None and ep.name not in only:
+            continue
+        dist = getattr(ep, "dist", None)
+        info = PluginInfo(
+            ep.name,
+            dist.metadata["Name"] if dist is not None else "?",
+            dist.version if dist is not None else "?",
+            builtin=False,
+        )
+        candidates.append((info, ep.load))
+    for name, obj in extra_plugins:
+        info = PluginInfo(name, getattr(obj, "__name__", type(obj).__name__), "", builtin=False)
+        candidates.append((info, lambda obj=obj: obj))
+
+    for info, load in candidates:
+        if info.name in (disabled or set()):
+            continue
+        registry.plugins.append(info)
+        _load_one(pm, registry, info, load, strict)
+    return registry
+
+
+def _load_one(pm: pluggy.PluginManager, registry: Registry, info: PluginInfo, load: Callable[[], object], strict: bool) -> None:
+    try:
+        plugin = load()
+        pm.register(plugin, name=info.name)
+        info.hooks = sorted(impl.name for impl in _hookcallers(pm, plugin))
+        for kind in KINDS:
+            hook = getattr(pm.hook, HOOKS[kind])
+            for impl in hook.get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                registrar = Registrar(kind, info.name)
+                kwargs = {arg: registrar for arg in impl.argnames}
+                impl.function(**kwargs)
+                registry.commit(registrar)
+    except PluginUnavailable as exc:
+        info.status, info.error = "unavailable", _one_line(str(exc))
+    except Exception as exc:
+        info.status = "broken"
+        info.error = _one_line(f"{type(exc).__name__}: {exc}" if not isinstance(exc, PluginError) else str(exc))
+        if strict:
+            raise
+
+
+def _hookcallers(pm: pluggy.PluginManager, plugin: object) -> list[Any]:
+    callers = pm.get_hookcallers(plugin) or []
+    return list(callers)
+
+
+def normalise_kind(kind: str) -> str:
+    """Accept ``dataset``/``datasets`` etc.; anything else is a usage error."""
+    k = kind.lower().rstrip("s") if kind else kind
+    if k == "strategie":
+        k = "strategy"
+    if k not in KINDS:
+        raise UsageError(f"unknown component kind {kind!r}; choose from: {', '.join(k + 's' for k in KINDS)}")
+    return k
+
+
+def _env_list(var: str) -> set[str] | None:
+    raw = os.environ.get(var)
+    if raw is None:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def _unresolved(*args: Any, **kwargs: Any) -> Any:
+    raise UsageError("a catalogue entry must be resolved by name before it is built")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,1 @@
+"""The ``cdft`` command line (installed as the ``cdft_cli`` package)."""

@@ -1,0 +1,103 @@
+"""The ``cdft`` click application: a lazy command group and the one place errors become exit codes.
+
+Command modules are imported only when their command runs (or its own ``--help`` is
+asked for), and plugins load inside commands, so ``cdft --help`` stays fast and a broken
+plugin cannot break it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from cdft_core import __version__
+from cdft_core.errors import CdftError
+
+#: name -> (module, attribute, one-line help shown by ``cdft --help``)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "list": ("cdft_cli.list_cmd", "list_command", "List datasets, backbones, adapters and strategies."),
+    "plugins": ("cdft_cli.plugins_cmd", "plugins_command", "Show installed plugins, their hooks and load errors."),
+    "prepare": ("cdft_cli.prepare", "prepare_command", "Scan a dataset and write a leakage-free split CSV."),
+    "make-synthetic": ("cdft_cli.synthetic", "make_synthetic_command", "Write a small synthetic dataset (BreakHis layout)."),
+    "run": ("cdft_cli.run", "run_command", "Fine-tune a backbone (single process or torchrun-launched)."),
+    "eval": ("cdft_cli.eval", "eval_command", "Re-evaluate a saved run or checkpoint."),
+    "demo": ("cdft_cli.demo", "demo_command", "Synthetic data + staged fine-tune of a tiny model, end to end on CPU."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[cmd_name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_text) for name, (_, _, help_text) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="cdft")
+@click.option("--debug", is_flag=True, help="Show tracebacks (also CDFT_DEBUG=1).")
+def cli(debug: bool) -> None:
+    """cdft: cross-domain fine-tuning of natural-image backbones on medical images."""
+    if debug:
+        os.environ["CDFT_DEBUG"] = "1"
+
+
+def debugging() -> bool:
+    return os.environ.get("CDFT_DEBUG", "") not in ("", "0", "false") or "--debug" in sys.argv[1:2]
+
+
+def error(message: str) -> None:
+    """Print one error line on stderr."""
+    click.echo(f"cdft: error: {message}", err=True)
+
+
+def main(args: list[str] | None = None, prog_name: str = "cdft") -> Any:
+    """Run the CLI and turn every failure into one line and an exit code (0, 1 or 2)."""
+    try:
+        code = cli.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Abort:
+        error("aborted")
+        code = 130
+    except KeyboardInterrupt:
+        error("interrupted")
+        code = 130
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        code = 2
+    except click.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        if debugging():
+            traceback.print_exc()
+        error(f"{exc.format_message()}{hint}")
+        code = 2
+    except click.ClickException as exc:
+        error(exc.format_message())
+        code = exc.exit_code
+    except CdftError as exc:
+        if debugging():
+            traceback.print_exc()
+        error(str(exc))
+        code = exc.exit_code
+    except Exception as exc:  # anything else is a bug or an environment failure
+        if debugging():
+            traceback.print_exc()
+        error(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        code = 1
+    if isinstance(code, int):
+        sys.exit(code)
+    sys.exit(0)

@@ -1,0 +1,24 @@
+"""Shared test set-up: one thread per test process, isolated plugin switches, a fresh registry."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry(monkeypatch):
+    """Each test sees the plugin switches it sets and a registry built after them."""
+    for var in ("CDFT_PLUGINS", "CDFT_DISABLE_PLUGINS", "CDFT_STRICT_PLUGINS", "CDFT_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    from cdft_core.registry import reset_registry
+
+    reset_registry()
+    yield
+    reset_registry()
