@@ -29,6 +29,7 @@ from cdft_core import hookspecs
 from cdft_core.errors import PluginError, PluginUnavailable, UsageError
 
 KINDS: tuple[str, ...] = ("dataset", "backbone", "adapter", "strategy")
+PLURALS: dict[str, str] = {"dataset": "datasets", "backbone": "backbones", "adapter": "adapters", "strategy": "strategies"}
 HOOKS: dict[str, str] = {
     "dataset": "register_datasets",
     "backbone": "register_backbones",
@@ -263,7 +264,7 @@ class Registry:
         if close:
             message += "; did you mean " + ", ".join(repr(c) for c in close) + "?"
         else:
-            message += f"; see `cdft list {kind}s`"
+            message += f"; see `cdft list {PLURALS[kind]}`"
         unavailable = [p for p in self.plugins if p.status == "unavailable"]
         for info in unavailable:
             message += f" (plugin {info.name!r} is unavailable: {info.error})"
@@ -377,11 +378,10 @@ def _hookcallers(pm: pluggy.PluginManager, plugin: object) -> list[Any]:
 
 def normalise_kind(kind: str) -> str:
     """Accept ``dataset``/``datasets`` etc.; anything else is a usage error."""
-    k = kind.lower().rstrip("s") if kind else kind
-    if k == "strategie":
-        k = "strategy"
+    k = (kind or "").lower()
+    k = {plural: singular for singular, plural in PLURALS.items()}.get(k, k)
     if k not in KINDS:
-        raise UsageError(f"unknown component kind {kind!r}; choose from: {', '.join(k + 's' for k in KINDS)}")
+        raise UsageError(f"unknown component kind {kind!r}; choose from: {', '.join(PLURALS.values())}")
     return k
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cdft_cli.output import echo_json, report_plugin_problems, table
-from cdft_core.registry import KINDS, get_registry, normalise_kind
+from cdft_core.registry import KINDS, PLURALS, get_registry, normalise_kind
 
 
 @click.command("list")
@@ -42,6 +42,6 @@ def list_command(kind: str | None, pattern: str | None, include_all: bool, as_js
     for k in KINDS:
         rows = [(c.name, c.provider, c.description) for c in components if c.kind == k]
         if rows:
-            click.echo(f"{k}s:")
+            click.echo(f"{PLURALS[k]}:")
             click.echo(table(rows, ("name", "provider", "description")))
             click.echo()

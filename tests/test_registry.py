@@ -1,0 +1,161 @@
+"""The registry: registration, clashes, overrides, resolvers, isolation of broken plugins."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from cdft_core import hookimpl
+from cdft_core.errors import PluginError, PluginUnavailable, UsageError
+from cdft_core.registry import load_registry, normalise_kind
+
+
+def plugin(**hooks):
+    """An in-process plugin object whose hooks are the given functions."""
+    ns = types.SimpleNamespace()
+    for name, fn in hooks.items():
+        setattr(ns, name, hookimpl(fn))
+    return ns
+
+
+def datasets(*names, override=False):
+    def register_datasets(register):
+        for name in names:
+            register(name, dict, description=f"the {name} data", metadata={"classes": ["a", "b"]}, override=override)
+
+    return register_datasets
+
+
+def registry_of(*plugins, strict=False):
+    return load_registry(builtins=False, entry_points=False, extra_plugins=list(plugins), strict=strict)
+
+
+def test_registered_component_carries_its_facts():
+    reg = registry_of(("alpha", plugin(register_datasets=datasets("tiles"))))
+    comp = reg.get("dataset", "tiles")
+    assert (comp.name, comp.kind, comp.provider, comp.description) == ("tiles", "dataset", "alpha", "the tiles data")
+    assert comp.metadata["classes"] == ["a", "b"]
+    assert comp.factory is dict
+    assert reg.plugin("alpha").hooks == ["register_datasets"]
+    assert comp.to_json()["metadata"] == {"classes": ["a", "b"]}
+
+
+def test_duplicate_across_plugins_names_both_and_never_is_silent():
+    reg = registry_of(
+        ("alpha", plugin(register_datasets=datasets("tiles"))),
+        ("beta", plugin(register_datasets=datasets("tiles", "other"))),
+    )
+    beta = reg.plugin("beta")
+    assert beta.status == "broken"
+    assert "'alpha'" in beta.error and "'beta'" in beta.error and "tiles" in beta.error
+    assert reg.get("dataset", "tiles").provider == "alpha"
+    # the clashing hook registered nothing at all (atomic per hook call)
+    with pytest.raises(UsageError):
+        reg.get("dataset", "other")
+
+
+def test_duplicate_raises_in_strict_mode():
+    with pytest.raises(PluginError, match="'alpha'.*'beta'"):
+        registry_of(
+            ("alpha", plugin(register_datasets=datasets("tiles"))),
+            ("beta", plugin(register_datasets=datasets("tiles"))),
+            strict=True,
+        )
+
+
+@pytest.mark.parametrize("order", ["override-last", "override-first"])
+def test_explicit_override_wins_whatever_the_order(order):
+    plain = ("alpha", plugin(register_datasets=datasets("tiles")))
+    over = ("beta", plugin(register_datasets=datasets("tiles", override=True)))
+    plugins = [plain, over] if order == "override-last" else [over, plain]
+    reg = registry_of(*plugins)
+    assert reg.get("dataset", "tiles").provider == "beta"
+    assert not reg.problems()
+
+
+def test_two_overrides_still_clash():
+    reg = registry_of(
+        ("alpha", plugin(register_datasets=datasets("tiles", override=True))),
+        ("beta", plugin(register_datasets=datasets("tiles", override=True))),
+    )
+    assert reg.plugin("beta").status == "broken"
+
+
+def test_hook_raising_is_isolated():
+    def register_backbones(register):
+        register("half", dict, description="registered before the failure")
+        raise RuntimeError("boom in hook")
+
+    reg = registry_of(
+        ("bad", plugin(register_backbones=register_backbones)),
+        ("good", plugin(register_datasets=datasets("tiles"))),
+    )
+    bad = reg.plugin("bad")
+    assert bad.status == "broken" and bad.error == "RuntimeError: boom in hook"
+    assert reg.get("dataset", "tiles").provider == "good"
+    with pytest.raises(UsageError):
+        reg.get("backbone", "half")
+
+
+def test_unavailable_plugin_is_not_broken_and_is_mentioned_on_unknown_names():
+    def register_backbones(register):
+        raise PluginUnavailable("needs open_clip: pip install 'cdft[open_clip]'")
+
+    reg = registry_of(("clipper", plugin(register_backbones=register_backbones)))
+    info = reg.plugin("clipper")
+    assert info.status == "unavailable" and "cdft[open_clip]" in info.error
+    assert reg.problems() == []
+    with pytest.raises(UsageError, match="clipper.*unavailable"):
+        reg.get("backbone", "anything")
+
+
+def test_resolver_claims_names_after_exact_matches_and_lists_catalogue():
+    def register_backbones(register):
+        register("net.curated", dict, description="curated")
+        register.resolver(
+            lambda name: {"factory": list, "metadata": {"claimed": name}} if name.startswith("net") else None,
+            catalogue=lambda: ["net.a", "net.b2", "net.b10", "net.curated"],
+            description="any net",
+        )
+
+    reg = registry_of(("nets", plugin(register_backbones=register_backbones)))
+    assert reg.get("backbone", "net.curated").factory is dict
+    claimed = reg.get("backbone", "net.zzz")
+    assert claimed.factory is list and claimed.metadata == {"claimed": "net.zzz"} and claimed.provider == "nets"
+    assert [c.name for c in reg.list("backbones")] == ["net.curated"]
+    assert [c.name for c in reg.list("backbones", include_all=True)] == ["net.a", "net.b2", "net.b10", "net.curated"]
+    assert [c.name for c in reg.list("backbones", "net.b*")] == ["net.b2", "net.b10"]
+
+
+def test_unknown_name_suggests_close_matches():
+    reg = registry_of(("alpha", plugin(register_datasets=datasets("breakhis", "hcrf"))))
+    with pytest.raises(UsageError, match=r"unknown dataset 'breakhs'; did you mean 'breakhis'\?"):
+        reg.get("dataset", "breakhs")
+    with pytest.raises(UsageError, match="cdft list datasets"):
+        reg.get("dataset", "zzzzzz")
+
+
+def test_invalid_registrations_are_plugin_errors():
+    def register_strategies(register):
+        register("ok name", "not callable")
+
+    reg = registry_of(("x", plugin(register_strategies=register_strategies)))
+    assert "not callable" in reg.plugin("x").error
+
+
+def test_kind_names():
+    assert normalise_kind("strategies") == "strategy"
+    assert normalise_kind("Backbones") == "backbone"
+    with pytest.raises(UsageError, match="datasets, backbones, adapters, strategies"):
+        normalise_kind("models")
+
+
+def test_environment_switches_name_only_installed_plugins(monkeypatch):
+    monkeypatch.setenv("CDFT_DISABLE_PLUGINS", "no-such-plugin")
+    with pytest.raises(UsageError, match="no-such-plugin"):
+        load_registry(builtins=False)
+    monkeypatch.delenv("CDFT_DISABLE_PLUGINS")
+    monkeypatch.setenv("CDFT_PLUGINS", "no-such-plugin")
+    with pytest.raises(UsageError, match="CDFT_PLUGINS.*no-such-plugin"):
+        load_registry(builtins=False)
