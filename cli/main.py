@@ -21,6 +21,7 @@ from cdft_core.errors import CdftError
 #: name -> (module, attribute, one-line help shown by ``cdft --help``)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "list": ("cdft_cli.list_cmd", "list_command", "List datasets, backbones, adapters and strategies."),
+    "show": ("cdft_cli.show_cmd", "show_command", "Describe one component (resolves names like `cdft run`)."),
     "plugins": ("cdft_cli.plugins_cmd", "plugins_command", "Show installed plugins, their hooks and load errors."),
     "prepare": ("cdft_cli.prepare", "prepare_command", "Scan a dataset and write a leakage-free split CSV."),
     "make-synthetic": ("cdft_cli.synthetic", "make_synthetic_command", "Write a small synthetic dataset (BreakHis layout)."),

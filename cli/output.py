@@ -24,7 +24,7 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], max_width: int 
         if len(row[-1]) > max_width:
             row[-1] = row[-1][: max_width - 1] + "…"
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
