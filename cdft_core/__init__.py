@@ -10,7 +10,7 @@ from importlib import metadata as _metadata
 
 from cdft_core.errors import CdftError, PluginError, PluginUnavailable, UsageError
 from cdft_core.hookspecs import hookimpl
-from cdft_core.registry import Component, get_registry
+from cdft_core.registry import Component, Lazy, get_registry
 
 try:
     __version__ = _metadata.version("cdft")
@@ -20,6 +20,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 __all__ = [
     "CdftError",
     "Component",
+    "Lazy",
     "PluginError",
     "PluginUnavailable",
     "UsageError",

@@ -54,6 +54,44 @@ BUILTIN_PLUGINS: dict[str, str] = {
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-/ ]*$")
 
 
+class Lazy:
+    """A metadata value computed on first access (e.g. a data config that needs timm).
+
+    ``cdft list`` prints only cheap columns, so a plugin can describe expensive facts
+    without making listing import torch: ``metadata={"data_config": Lazy(fn)}``.
+    """
+
+    def __init__(self, compute: Callable[[], Any]) -> None:
+        self._compute = compute
+        self._done = False
+        self._value: Any = None
+
+    def get(self) -> Any:
+        if not self._done:
+            self._value, self._done = self._compute(), True
+        return self._value
+
+
+class Metadata(Mapping):
+    """A read-only mapping that resolves :class:`Lazy` values when they are read."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        self._data = dict(data or {})
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._data[key]
+        return value.get() if isinstance(value, Lazy) else value
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"Metadata({list(self._data)})"
+
+
 @dataclass(frozen=True)
 class Component:
     """One registered component: what ``cdft list`` shows and what a factory builds from."""
@@ -63,7 +101,7 @@ class Component:
     factory: Callable[..., Any]
     description: str
     provider: str
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=Metadata)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -147,7 +185,7 @@ class Registrar:
             factory=factory,
             description=_one_line(description),
             provider=self.provider,
-            metadata=dict(metadata or {}),
+            metadata=Metadata(metadata),
         )
         self.components.append((component, override))
 
@@ -217,7 +255,7 @@ class Registry:
                     factory=claimed["factory"],
                     description=_one_line(claimed.get("description", resolver.description)),
                     provider=resolver.provider,
-                    metadata=dict(claimed.get("metadata", {})),
+                    metadata=Metadata(claimed.get("metadata", {})),
                 )
         raise UsageError(self._unknown_message(kind, name))
 
@@ -231,7 +269,7 @@ class Registry:
                 for resolver in self.resolvers[k]:
                     for name in self._catalogue(resolver):
                         if name not in rows and (pattern is None or fnmatch.fnmatchcase(name, pattern)):
-                            rows[name] = Component(name, k, _unresolved, resolver.description, resolver.provider, {"catalogue": True})
+                            rows[name] = Component(name, k, _unresolved, resolver.description, resolver.provider, Metadata({"catalogue": True}))
             for name in sorted(rows, key=_natural_key):
                 if pattern is None or fnmatch.fnmatchcase(name, pattern):
                     out.append(rows[name])

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from cdft_core import hookimpl
+from cdft_core import Lazy, hookimpl
 from cdft_core.errors import PluginError, PluginUnavailable, UsageError
 from cdft_core.registry import load_registry, normalise_kind
 
@@ -159,3 +159,21 @@ def test_environment_switches_name_only_installed_plugins(monkeypatch):
     monkeypatch.setenv("CDFT_PLUGINS", "no-such-plugin")
     with pytest.raises(UsageError, match="CDFT_PLUGINS.*no-such-plugin"):
         load_registry(builtins=False)
+
+
+def test_lazy_metadata_is_computed_only_when_read():
+    calls = []
+
+    def expensive():
+        calls.append(1)
+        return {"mean": (0.5, 0.5, 0.5)}
+
+    def register_backbones(register):
+        register("net", dict, description="d", metadata={"family": "vit", "data_config": Lazy(expensive)})
+
+    reg = registry_of(("nets", plugin(register_backbones=register_backbones)))
+    comp = reg.get("backbone", "net")
+    assert comp.metadata["family"] == "vit" and calls == []
+    assert comp.metadata["data_config"] == {"mean": (0.5, 0.5, 0.5)}
+    assert comp.to_json()["metadata"]["data_config"] == {"mean": [0.5, 0.5, 0.5]}
+    assert calls == [1]
