@@ -1,0 +1,106 @@
+"""The paper's train-time augmentation and the evaluation resize, on ``uint8`` tensors.
+
+Everything about preprocessing comes from the backbone's data config (image size,
+interpolation, mean, std); nothing is hard-coded, because the reference normalised every
+backbone with CLIP's statistics, which is wrong for ImageNet-21k weights (SPEC §5).
+
+The train pipeline restates SPEC §5 with torchvision.transforms.v2:
+
+=======================================  ==============================================
+paper (albumentations)                   here
+=======================================  ==============================================
+resize to the input size                 ``Resize((H, W), interpolation)``
+horizontal flip, p=0.5                   ``RandomHorizontalFlip(0.5)``
+vertical flip, p=0.5                     ``RandomVerticalFlip(0.5)``
+brightness and contrast ±10 %, p=0.5     ``RandomApply([ColorJitter(0.1, 0.1)], p=0.5)``
+shift ±5 %, scale ±30 %, rotate ±180°,   ``RandomApply([RandomAffine(180, (0.05, 0.05),
+black border, p=0.7                      (0.7, 1.3), fill=0)], p=0.7)``
+=======================================  ==============================================
+
+then ``ToDtype(float32, scale=True)`` and ``Normalize(mean, std)``. Every random draw
+comes from torch's global generator, so seeding torch (as the engine does, per worker
+too) makes the augmentation reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from cdft_core.errors import UsageError
+
+#: Interpolations torchvision can apply to tensors, and what the others fall back to.
+_TENSOR_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic")
+_FALLBACK = {"lanczos": "bicubic", "hamming": "bicubic", "box": "bilinear", "random": "bilinear"}
+
+
+def interpolation_mode(name: str | None) -> Any:
+    """torchvision's ``InterpolationMode`` for a data config's interpolation name.
+
+    Tensors support nearest, bilinear and bicubic; ``lanczos``/``hamming`` (Pillow-only)
+    fall back to bicubic, ``box`` and timm's ``random`` to bilinear.
+    """
+    from torchvision.transforms import InterpolationMode
+
+    key = str(name or "bilinear").lower()
+    key = _FALLBACK.get(key, key)
+    if key not in _TENSOR_MODES:
+        raise UsageError(
+            f"unknown interpolation {name!r} in the data config; use one of: {', '.join(_TENSOR_MODES + tuple(_FALLBACK))}"
+        )
+    return InterpolationMode(key)
+
+
+def _size(data_config: Mapping[str, Any]) -> tuple[int, int]:
+    size = data_config.get("input_size")
+    if size is None or len(size) not in (2, 3):
+        raise UsageError(f"the data config needs input_size (3, H, W), got {size!r}")
+    height, width = (int(v) for v in tuple(size)[-2:])
+    return height, width
+
+
+def _normalise(data_config: Mapping[str, Any]) -> list[Callable[[Any], Any]]:
+    from torchvision.transforms import v2
+
+    mean, std = data_config.get("mean"), data_config.get("std")
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        raise UsageError(f"the data config needs 3-channel mean and std, got mean={mean!r} std={std!r}")
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std])]
+
+
+def train_transform(data_config: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The paper's augmentation: ``uint8 3×h×w`` in, normalised ``float32 3×H×W`` out."""
+    from torchvision.transforms import v2
+
+    resize = v2.Resize(_size(data_config), interpolation=interpolation_mode(data_config.get("interpolation")), antialias=True)
+    return v2.Compose(
+        [
+            resize,
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomVerticalFlip(p=0.5),
+            v2.RandomApply([v2.ColorJitter(brightness=0.1, contrast=0.1)], p=0.5),
+            v2.RandomApply(
+                [
+                    v2.RandomAffine(
+                        degrees=180,
+                        translate=(0.05, 0.05),
+                        scale=(0.7, 1.3),
+                        interpolation=v2.InterpolationMode.BILINEAR,
+                        fill=0,
+                    )
+                ],
+                p=0.7,
+            ),
+            *_normalise(data_config),
+        ]
+    )
+
+
+def eval_transform(data_config: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Resize only, then the same scaling and normalisation as training."""
+    from torchvision.transforms import v2
+
+    resize = v2.Resize(_size(data_config), interpolation=interpolation_mode(data_config.get("interpolation")), antialias=True)
+    return v2.Compose([resize, *_normalise(data_config)])

@@ -1,0 +1,131 @@
+"""``cdft prepare NAME ROOT [dataset options] -o OUT.csv``: scan a dataset, write its split file.
+
+Dataset options (``--task``, ``--magnification``, ... ) are declared by each dataset, so
+this command accepts any ``--key value`` / ``--key=value`` after NAME and ROOT and checks
+them against the dataset's declaration (``cdft list datasets --json`` shows them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import click
+
+from cdft_cli.output import echo_json, report_plugin_problems, table, warn
+from cdft_core.errors import UsageError
+
+OWN_OPTIONS = ("--folds", "--seed", "-o/--output", "--json")
+
+
+def parse_dataset_options(args: Sequence[str]) -> dict[str, str]:
+    """``["--task", "subtype", "--split=image"]`` -> ``{"task": "subtype", "split": "image"}``."""
+    out: dict[str, str] = {}
+    tokens = list(args)
+    while tokens:
+        token = tokens.pop(0)
+        if not token.startswith("--") or token == "--":
+            raise UsageError(f"unexpected argument {token!r}; dataset options go after NAME ROOT as --key value")
+        key, sep, value = token[2:].partition("=")
+        if not sep:
+            if not tokens or tokens[0].startswith("--"):
+                raise UsageError(f"option --{key} needs a value")
+            value = tokens.pop(0)
+        key = key.replace("-", "_")
+        if key in out:
+            raise UsageError(f"option --{key.replace('_', '-')} is given twice")
+        out[key] = value
+    return out
+
+
+def check_option_names(name: str, options: Mapping[str, str]) -> None:
+    """Unknown dataset options: one line naming the dataset's options and this command's."""
+    from cdft_core.datasets import declared_options
+    from cdft_core.registry import get_registry
+
+    declared = declared_options(get_registry().get("dataset", name))
+    for key in options:
+        if key not in declared:
+            flags = ", ".join("--" + k.replace("_", "-") for k in declared) or "none"
+            raise UsageError(
+                f"unknown option --{key.replace('_', '-')} for `cdft prepare {name}`; "
+                f"dataset options: {flags}; command options: {', '.join(OWN_OPTIONS)}"
+            )
+
+
+def format_summary(summary: Mapping[str, Any], output: str) -> str:
+    """The text report: counts per class and per fold, then the leakage line."""
+    grouped = summary["group_column"] is not None
+    who = {"patient": "patients"}.get(summary["group_column"] or "", "groups")
+    folds = [row["fold"] for row in summary["folds"]]
+    options = " ".join(f"{k}={v}" for k, v in summary["options"].items())
+    head = (
+        f"{summary['dataset']}: {summary['images']} images"
+        + (f", {summary['groups']} {who}" if grouped else "")
+        + f", {len(summary['classes'])} classes, {len(folds)} folds (seed {summary['seed']})"
+        + (f" [{options}]" if options else "")
+        + f" -> {output}"
+    )
+    headers = ["class", "label", "images", *([who] if grouped else []), *(f"fold {f}" for f in folds)]
+    rows: list[list[Any]] = []
+    for row in summary["classes"]:
+        rows.append([row["name"], row["label"], row["images"], *([row["groups"]] if grouped else []),
+                     *(row["per_fold"][str(f)] for f in folds)])
+    rows.append(["total", "", summary["images"], *([summary["groups"]] if grouped else []),
+                 *(row["images"] for row in summary["folds"])])
+    if grouped:
+        rows.append([who, "", "", "", *(row["groups"] for row in summary["folds"])])
+    lines = [head, table(rows, headers)]
+    if not grouped:
+        lines.append("leakage: not checked (this dataset records no patient/group per image)")
+    elif not summary["leakage"]:
+        lines.append(f"leakage: none (no {who[:-1]} is in more than one fold)")
+    else:
+        shown = ", ".join(f"{r['group']} (folds {','.join(map(str, r['folds']))})" for r in summary["leakage"][:5])
+        more = f", … {len(summary['leakage']) - 5} more" if len(summary["leakage"]) > 5 else ""
+        lines.append(f"leakage: {len(summary['leakage'])} {who} in more than one fold: {shown}{more}")
+    return "\n".join(lines)
+
+
+@click.command(
+    "prepare",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.argument("name")
+@click.argument("root")
+@click.option("--folds", type=click.IntRange(min=2), default=None, help="Number of folds [default: the dataset's].")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the fold assignment (the paper: 1).")
+@click.option("-o", "--output", required=True, help="The split CSV to write (path or fsspec URL).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def prepare_command(ctx: click.Context, name: str, root: str, folds: int | None, seed: int, output: str, as_json: bool) -> None:
+    """Scan dataset NAME under ROOT and write a split CSV (image_path,label,fold,...).
+
+    Dataset options come after NAME and ROOT as --key value; `cdft list datasets --json`
+    shows each dataset's options and choices. ROOT may be a local path or an fsspec URL
+    (file://, memory://, zip://FOLDER::/path/data.zip, s3://...).
+
+    \b
+    Examples:
+      cdft prepare breakhis /data/BreaKHis_v1 --task malignant-subtype \\
+          --magnification 200X --split patient --folds 5 -o breakhis_200x.csv
+      cdft prepare hcrf /data/HCRF --folds 4 -o hcrf.csv
+      cdft prepare csv /data/tiles --table labels.csv -o tiles_split.csv
+    """
+    from cdft_core.datasets import prepare_with_summary, write_split_file
+    from cdft_core.registry import get_registry
+    from cdft_core.splits import warnings_of
+
+    options = parse_dataset_options(ctx.args)
+    registry = get_registry()
+    report_plugin_problems(registry)
+    check_option_names(name, options)
+    split, summary = prepare_with_summary(name, root, options=options, folds=folds, seed=seed, registry=registry)
+    write_split_file(split, output)
+    notes = warnings_of(summary)
+    for note in notes:
+        warn(note)
+    if as_json:
+        echo_json({**summary, "output": output, "warnings": notes})
+    else:
+        click.echo(format_summary(summary, output))

@@ -1,0 +1,96 @@
+"""The generic ``csv`` dataset: bring your own images and one CSV, no plugin to write.
+
+The CSV has ``image_path`` (relative to the data root) and ``label`` (0, 1, ...), and
+optionally ``group`` (rows of one group, e.g. one patient, always share a fold),
+``class_name`` (the name of each label) and any other columns (kept as they are).
+
+- ``cdft prepare csv ROOT --table labels.csv -o split.csv`` reads the CSV (``--table``:
+  relative to the root, or an absolute path/URL; default ``labels.csv``) and assigns
+  new stratified folds, grouped by ``group`` when present; an existing ``fold`` column is
+  replaced.
+- To keep your own folds, pass the CSV (with ``fold``) as the split file of a run:
+  paper-format files (``image_path,label,fold``) are read unchanged.
+
+Class names: the ``--classes a,b,c`` option (label order), else the ``class_name``
+column, else the label numbers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cdft_core import hookimpl
+from cdft_core.datasets import BaseDataset, DatasetOption, class_names_from_table, dataset_metadata, split_names
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cdft_core.images import DataRoot
+
+OPTIONS = (
+    DatasetOption("table", "the CSV (image_path,label[,group][,class_name]): relative to the root, or a path/URL",
+                  default="labels.csv"),
+    DatasetOption("classes", "class names in label order, comma-separated (default: the class_name column)"),
+)
+
+
+class CsvDataset(BaseDataset):
+    """Images listed by a CSV (see the module docstring)."""
+
+    name = "csv"
+    default_folds = 5
+    group_column = "group"
+
+    def __init__(self, table: str = "labels.csv", classes: str | None = None) -> None:
+        self.table = table
+        self.names = split_names(classes)
+
+    def class_names(self, table: pd.DataFrame | None = None) -> list[str]:
+        if self.names is not None:
+            return list(self.names)
+        if table is None:
+            return []
+        from_column = class_names_from_table(table)
+        if from_column is not None:
+            return from_column
+        import pandas as pd
+
+        labels = pd.to_numeric(table["label"], errors="coerce").dropna() if "label" in table.columns else []
+        return [str(i) for i in range(int(max(labels)) + 1)] if len(labels) else []
+
+    def scan(self, root: DataRoot) -> pd.DataFrame:
+        from cdft_core.datasets import read_split_file
+        from cdft_core.errors import UsageError
+
+        what = f"--table {self.table!r}"
+        if "://" in self.table or self.table.startswith("/"):
+            table = read_split_file(self.table, what=what)
+        else:
+            table = read_split_file(root.path(self.table), fs=root.fs, what=f"{what} under data root {root.url}")
+        missing = [c for c in ("image_path", "label") if c not in table.columns]
+        if missing:
+            raise UsageError(
+                f"{what} has no column {', '.join(missing)} (columns: {', '.join(map(str, table.columns))}); "
+                f"it needs image_path,label and optionally group, class_name"
+            )
+        return table.drop(columns=["fold"], errors="ignore")
+
+
+def make_csv(**options: str) -> CsvDataset:
+    return CsvDataset(**options)
+
+
+@hookimpl
+def register_datasets(register):
+    register(
+        "csv",
+        make_csv,
+        description="Any images listed by a CSV (image_path,label[,group][,class_name]); folds grouped by `group`",
+        metadata=dataset_metadata(
+            classes="from --classes, else the CSV's class_name column, else the label numbers",
+            options=OPTIONS,
+            default_protocol="standard",
+            default_folds=5,
+            group_column="group",
+        ),
+    )

@@ -1,0 +1,105 @@
+"""HCRF gastric histopathology (Sun et al. 2020): normal vs abnormal, the paper's low-data protocol.
+
+Layout rule: an image's class is the nearest folder above it named like a class
+(``normal`` / ``abnormal`` by default, matched case-insensitively; the ``normal`` and
+``abnormal`` options rename them). Images are found recursively (png, jpg/jpeg,
+tif/tiff); files outside both class folders are ignored.
+
+Ground-truth masks are not inputs and are skipped: a file is a mask when its name
+(without extension) or any folder between the data root and the file contains the
+word ``gt``, ``mask``/``masks`` or ``groundtruth``/``ground truth``, separated by
+``_ - . space`` or the ends (``img_GT.png``, ``masks/img.png``, ``GT/img.tif``). Words
+that merely contain those letters (``gtx``, ``unmasked``) do not count.
+
+Folds: the paper's shuffled, stratified 4-fold split (seed 1) on the sorted paths.
+Default protocol ``low-data``: train on the one fold named as test fold, validate on
+the validation fold, test on the two others; ``standard`` is available.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from cdft_core import hookimpl
+from cdft_core.datasets import BaseDataset, DatasetOption, dataset_metadata
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cdft_core.images import DataRoot
+
+CLASSES = ("normal", "abnormal")
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+MASK_WORD = re.compile(r"(?:^|[\s_.\-])(?:gt|masks?|ground[\s_\-]?truth)(?:$|[\s_.\-])", re.IGNORECASE)
+
+OPTIONS = (
+    DatasetOption("normal", "name of the folder holding normal images (case-insensitive)", default="normal"),
+    DatasetOption("abnormal", "name of the folder holding abnormal images (case-insensitive)", default="abnormal"),
+)
+
+
+def is_mask(parts: list[str]) -> bool:
+    """Whether a file (its folders below the data root, then its name) is a ground-truth mask."""
+    *folders, name = parts
+    stem = name.rsplit(".", 1)[0]
+    return any(MASK_WORD.search(part) for part in (*folders, stem))
+
+
+class HCRF(BaseDataset):
+    """HCRF with configurable class folder names (see the module docstring)."""
+
+    name = "hcrf"
+    classes = CLASSES
+    default_folds = 4
+    default_protocol = "low-data"
+    group_column = None
+
+    def __init__(self, normal: str = "normal", abnormal: str = "abnormal") -> None:
+        self.folders = {normal.lower(): 0, abnormal.lower(): 1}
+        if len(self.folders) != 2:
+            from cdft_core.errors import UsageError
+
+            raise UsageError(f"--normal and --abnormal name the same folder {normal!r}; give two different folder names")
+
+    def scan(self, root: DataRoot) -> pd.DataFrame:
+        import pandas as pd
+
+        rows: list[dict[str, Any]] = []
+        for path in root.files(extensions=EXTENSIONS):
+            parts = path.split("/")
+            # the nearest class folder above the file
+            hits = [i for i, part in enumerate(parts[:-1]) if part.lower() in self.folders]
+            if not hits or is_mask(parts):
+                continue
+            label = self.folders[parts[hits[-1]].lower()]
+            rows.append({"image_path": path, "label": label, "class_name": CLASSES[label]})
+        if not rows:
+            from cdft_core.errors import CdftError
+
+            names = " and ".join(repr(n) for n in self.folders)
+            raise CdftError(
+                f"no HCRF images (png, jpg, tif) in folders named {names} under {root.url}; "
+                f"pass the HCRF folder, or rename the class folders with --normal/--abnormal"
+            )
+        return pd.DataFrame(rows)
+
+
+def make_hcrf(**options: str) -> HCRF:
+    return HCRF(**options)
+
+
+@hookimpl
+def register_datasets(register):
+    register(
+        "hcrf",
+        make_hcrf,
+        description="HCRF gastric histopathology, normal vs abnormal; the paper's low-data 4-fold protocol",
+        metadata=dataset_metadata(
+            classes=list(CLASSES),
+            options=OPTIONS,
+            default_protocol="low-data",
+            default_folds=4,
+            layout="<root>/**/{normal,abnormal}/**/<image>.{png,jpg,tif}; ground-truth masks (gt, mask) skipped",
+        ),
+    )
