@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cdft_core.errors import CdftError
+from cdft_core.errors import CdftError, UsageError
 
 
 class Mlp(nn.Module):
@@ -93,16 +93,16 @@ class Cdtm(nn.Module):
     ) -> None:
         super().__init__()
         if dim < 1 or num_tokens < 1:
-            raise CdftError(f"CDTM needs a positive token dimension and count, got dim={dim}, num_tokens={num_tokens}")
+            raise UsageError(f"CDTM needs a positive token dimension and count, got dim={dim}, num_tokens={num_tokens}")
         for label, value in (("centres", centres), ("blocks", blocks)):
             if int(value) != value or value < 1:
-                raise CdftError(f"CDTM option {label} must be a positive integer, got {value!r}")
+                raise UsageError(f"CDTM option {label} must be a positive integer, got {value!r}")
         if mlp_ratio <= 0:
-            raise CdftError(f"CDTM option mlp_ratio must be positive, got {mlp_ratio!r}")
+            raise UsageError(f"CDTM option mlp_ratio must be positive, got {mlp_ratio!r}")
         if not 0.0 <= dropout < 1.0:
-            raise CdftError(f"CDTM option dropout must be in [0, 1), got {dropout!r}")
+            raise UsageError(f"CDTM option dropout must be in [0, 1), got {dropout!r}")
         if int(checkpoint_blocks) != checkpoint_blocks or not 0 <= checkpoint_blocks <= blocks:
-            raise CdftError(f"CDTM option checkpoint_blocks must be an integer in [0, blocks={blocks}], got {checkpoint_blocks!r}")
+            raise UsageError(f"CDTM option checkpoint_blocks must be an integer in [0, blocks={blocks}], got {checkpoint_blocks!r}")
         self.dim = dim
         self.out_dim = dim
         self.num_tokens = num_tokens

@@ -132,7 +132,7 @@ def test_cdtm_dropout_and_checkpointing():
     ckpt.train()
     plain(x).sum().backward()
     ckpt(x).sum().backward()
-    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
     dropped = Cdtm(8, 6, centres=4, dropout=0.5)

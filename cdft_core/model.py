@@ -1,0 +1,260 @@
+"""The cdft model: backbone → adapter → linear head, built from registry names.
+
+Parameter names are part of the checkpoint format and stay stable:
+
+- ``backbone.model.<timm name>``: the timm model (for open_clip rows, the visual trunk);
+- ``adapter.<name>``: the adapter's own parameters (``none`` has none; CDTM's are listed in
+  :mod:`cdft_core.cdtm`);
+- ``head.weight``, ``head.bias``: ``Linear(adapter.out_dim → num_classes)``.
+
+``model.spec`` is a JSON-safe description from which :func:`model_from_spec` rebuilds the
+same architecture (random init, nothing downloaded) for loading a checkpoint, and
+``model.data_config`` is the preprocessing the backbone expects; both travel in every
+checkpoint so evaluation uses exactly what training used.
+
+An adapter factory (what a plugin registers) has the signature::
+
+    factory(*, dim: int, num_tokens: int, pooled_dim: int, **options) -> nn.Module
+
+and returns a module with an ``out_dim`` attribute whose ``forward(tokens, pooled)`` maps
+the backbone's tokens (B×N×C) and pooled features (B×pooled_dim) to B×out_dim.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cdft_core.errors import CdftError, UsageError
+from cdft_core.registry import get_registry
+
+#: Version of the ``spec`` layout; :func:`model_from_spec` refuses newer ones.
+SPEC_FORMAT = 1
+
+DATA_CONFIG_KEYS = ("input_size", "mean", "std", "interpolation")
+
+
+class PooledAdapter(nn.Module):
+    """The ``none`` adapter: pass the backbone's pooled features to the head (no parameters)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.out_dim = int(dim)
+
+    def forward(self, tokens: Tensor | None, pooled: Tensor) -> Tensor:
+        return pooled
+
+
+class CdftModel(nn.Module):
+    """``head(adapter(*backbone.features(x)))``, with an optional frozen backbone.
+
+    ``backbone_frozen = True`` (set by strategies that train only the adapter and head)
+    runs the backbone under ``torch.no_grad()`` — no activation memory, no gradient work —
+    and keeps it in eval mode (dropout, drop-path and norm statistics as at inference)
+    even when ``model.train()`` is called.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        adapter: nn.Module,
+        head: nn.Linear,
+        *,
+        data_config: Mapping[str, Any],
+        spec: Mapping[str, Any],
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.adapter = adapter
+        self.head = head
+        self.data_config = dict(data_config)
+        self.spec = dict(spec)
+        self._backbone_frozen = False
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self._backbone_frozen
+
+    @backbone_frozen.setter
+    def backbone_frozen(self, frozen: bool) -> None:
+        self._backbone_frozen = bool(frozen)
+        self.backbone.train(self.training and not self._backbone_frozen)
+
+    def train(self, mode: bool = True) -> CdftModel:
+        super().train(mode)
+        if self._backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    def features(self, x: Tensor) -> Tensor:
+        """What the head sees (B×adapter.out_dim): one backbone pass, then the adapter."""
+        if self._backbone_frozen:
+            with torch.no_grad():
+                tokens, pooled = self.backbone.features(x)
+        else:
+            tokens, pooled = self.backbone.features(x)
+        return self.adapter(tokens, pooled)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def build_model(
+    backbone: str,
+    adapter: str,
+    num_classes: int,
+    *,
+    pretrained: bool = True,
+    weights: str | None = None,
+    image_size: int | None = None,
+    grad_checkpointing: bool = False,
+    adapter_options: Mapping[str, Any] | None = None,
+    registry: Any = None,
+) -> CdftModel:
+    """Resolve the names, build the backbone (weights as asked), the adapter for its tokens, the head.
+
+    ``adapter_options`` values may be strings (from ``--adapter-option K=V``); they are
+    converted to the type of the option's registered default. ``grad_checkpointing`` is
+    passed to the backbone; the CDTM has its own ``checkpoint_blocks`` option.
+    """
+    if int(num_classes) != num_classes or num_classes < 1:
+        raise UsageError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if image_size is not None and (int(image_size) != image_size or image_size < 8):
+        raise UsageError(f"image size must be an integer of at least 8 pixels, got {image_size!r}")
+    registry = registry if registry is not None else get_registry()
+    backbone_component = registry.get("backbone", backbone)
+    adapter_component = registry.get("adapter", adapter)
+    options = resolve_adapter_options(adapter_component, adapter_options)
+
+    bb = backbone_component.factory(
+        pretrained=pretrained, weights=weights, image_size=image_size, grad_checkpointing=grad_checkpointing
+    )
+    data_config = _checked_data_config(bb, backbone_component.name)
+    size = int(getattr(bb, "image_size", None) or data_config["input_size"][-1])
+    num_tokens = int(bb.num_tokens(size))
+    pooled_dim = int(getattr(bb, "pooled_dim", bb.dim))
+    ad = adapter_component.factory(dim=int(bb.dim), num_tokens=num_tokens, pooled_dim=pooled_dim, **options)
+    out_dim = getattr(ad, "out_dim", None)
+    if not isinstance(out_dim, int) or out_dim < 1:
+        raise CdftError(f"adapter {adapter_component.name!r} (plugin {adapter_component.provider!r}) has no positive integer out_dim")
+    head = nn.Linear(out_dim, int(num_classes))
+    spec = {
+        "format": SPEC_FORMAT,
+        "backbone": backbone_component.name,
+        "adapter": adapter_component.name,
+        "adapter_options": _jsonable(options),
+        "num_classes": int(num_classes),
+        "image_size": size,
+        "grad_checkpointing": bool(grad_checkpointing),
+        "data_config": _jsonable(data_config),
+        "weights": str(getattr(bb, "weights", "pretrained" if pretrained else "random init")),
+        "dim": int(bb.dim),
+        "num_tokens": num_tokens,
+    }
+    return CdftModel(bb, ad, head, data_config=data_config, spec=spec)
+
+
+def model_from_spec(spec: Mapping[str, Any], registry: Any = None) -> CdftModel:
+    """The architecture ``spec`` describes, randomly initialised and without any download.
+
+    The caller loads the checkpoint's state dict into it. ``data_config`` and the weight
+    source are taken from the spec as saved, never recomputed.
+    """
+    missing = [k for k in ("backbone", "adapter", "num_classes", "image_size", "data_config") if k not in spec]
+    if missing:
+        raise CdftError(f"model spec lacks {', '.join(missing)}; the checkpoint was not written by cdft")
+    if int(spec.get("format", SPEC_FORMAT)) > SPEC_FORMAT:
+        raise CdftError(f"model spec format {spec['format']} is newer than this cdft understands ({SPEC_FORMAT}); upgrade cdft")
+    model = build_model(
+        spec["backbone"],
+        spec["adapter"],
+        int(spec["num_classes"]),
+        pretrained=False,
+        image_size=int(spec["image_size"]),
+        grad_checkpointing=bool(spec.get("grad_checkpointing", False)),
+        adapter_options=spec.get("adapter_options") or {},
+        registry=registry,
+    )
+    for key in ("dim", "num_tokens"):
+        if key in spec and int(spec[key]) != int(model.spec[key]):
+            raise CdftError(
+                f"backbone {spec['backbone']!r} now gives {key}={model.spec[key]} but the checkpoint was built with "
+                f"{spec[key]}; install the timm/plugin version that wrote it"
+            )
+    model.data_config = data_config_from_json(spec["data_config"])
+    model.backbone.data_config = dict(model.data_config)
+    model.spec = copy.deepcopy(dict(spec))
+    return model
+
+
+def resolve_adapter_options(component: Any, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Registered defaults overlaid with ``options``; unknown names and bad values are usage errors."""
+    given = dict(options or {})
+    declared = component.metadata.get("options")
+    if declared is None:
+        return given  # the adapter declares no options: pass them through to its factory
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        known = ", ".join(f"{k}={v!r}" for k, v in declared.items()) or "none"
+        raise UsageError(f"adapter {component.name!r} has no option {', '.join(unknown)}; its options: {known}")
+    resolved = dict(declared)
+    for key, value in given.items():
+        resolved[key] = _coerce(value, declared[key], f"adapter {component.name!r} option {key!r}")
+    return resolved
+
+
+def data_config_from_json(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved data config with its sequences as tuples again (the in-memory form)."""
+    out = dict(config)
+    for key in ("input_size", "mean", "std"):
+        if key in out:
+            out[key] = tuple(out[key])
+    return out
+
+
+def _checked_data_config(backbone: Any, name: str) -> dict[str, Any]:
+    config = getattr(backbone, "data_config", None)
+    if not isinstance(config, Mapping) or any(k not in config for k in DATA_CONFIG_KEYS):
+        raise CdftError(f"backbone {name!r} gives no complete data_config (needs {', '.join(DATA_CONFIG_KEYS)})")
+    config = data_config_from_json(config)
+    config.setdefault("source", f"backbone {name}")
+    return config
+
+
+def _coerce(value: Any, default: Any, what: str) -> Any:
+    if default is None or not isinstance(value, str):
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise UsageError(f"{what} must be true or false, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+            if value != int(value):
+                raise UsageError(f"{what} must be an integer, got {value!r}")
+            return int(value)
+        return value
+    text = value.strip()
+    try:
+        if isinstance(default, bool):
+            lowered = text.lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(text)
+            return lowered in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise UsageError(f"{what} must be a {type(default).__name__}, got {value!r}") from None
+    return text
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

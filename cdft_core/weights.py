@@ -1,0 +1,245 @@
+"""Where backbone weights come from: the Hugging Face cache, the hub, or a file the user names.
+
+Many hospital clusters (and our CI) cannot reach the hub. The rules are:
+
+1. A file already in the local Hugging Face cache is used without any network access.
+2. Otherwise, with ``HF_HUB_OFFLINE=1``, or when the hub's host does not answer within a
+   few seconds, loading stops with one line naming the model, the cache directory and
+   ``--weights`` — never a long network time-out or a traceback.
+3. Otherwise the file is downloaded into the cache.
+4. ``--weights PATH`` (safetensors, or a torch state dict read with ``weights_only=True``)
+   bypasses all of this.
+
+The environment (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``) is
+read on every call, not when a library is imported, so a test or a launcher that sets it
+late is still obeyed. Loading a state dict into a module goes through
+:func:`load_state_dict_checked`, which turns shape mismatches and missing keys into one
+clear :class:`~cdft_core.errors.CdftError` line.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from cdft_core.errors import CdftError, UsageError
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+#: Seconds to wait for the hub's host before declaring it unreachable.
+PROBE_TIMEOUT_S = 3.0
+
+#: Wrappers that training scripts put around a state dict.
+_CONTAINER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """Whether the user asked for offline mode (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache directory, from the environment as it is now."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return os.path.expanduser(os.path.expandvars(explicit))
+    home = os.environ.get("HF_HOME")
+    if not home:
+        home = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "huggingface")
+    return os.path.join(os.path.expanduser(os.path.expandvars(home)), "hub")
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """A TCP connect to the hub's host: a firewall that drops packets costs ``timeout``, not minutes."""
+    url = urlparse(hub_endpoint())
+    host = url.hostname
+    if not host:
+        return False
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def split_revision(repo: str) -> tuple[str, str | None]:
+    """``org/name@rev`` -> (``org/name``, ``rev``), the hub-id spelling timm uses."""
+    repo_id, _, revision = repo.partition("@")
+    return repo_id, revision or None
+
+
+def missing_weights_message(model: str, repo_id: str, reason: str) -> str:
+    return (
+        f"no pretrained weights for backbone {model!r} in the Hugging Face cache {hf_cache_dir()} "
+        f"({reason}); on a connected machine run `huggingface-cli download {repo_id}` and copy the cache, "
+        f"or pass --weights PATH (safetensors or state dict), or use --no-pretrained"
+    )
+
+
+def resolve_hub_file(model: str, repo: str, filenames: Iterable[str]) -> str:
+    """The local path of the first of ``filenames`` in hub repo ``repo``: cached, else downloaded.
+
+    Raises a one-line :class:`CdftError` when offline (or the hub is unreachable) and no
+    candidate is cached. ``model`` is the cdft backbone name, used in messages only.
+    """
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, revision = split_revision(repo)
+    cache_dir = hf_cache_dir()
+    names = list(filenames)
+    for filename in names:
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        if isinstance(cached, str) and os.path.isfile(cached):
+            return cached
+    if hub_offline():
+        raise CdftError(missing_weights_message(model, repo_id, "HF_HUB_OFFLINE is set"))
+    if not hub_reachable():
+        raise CdftError(missing_weights_message(model, repo_id, f"the hub {hub_endpoint()} is unreachable"))
+    last_error: Exception | None = None
+    for filename in names:
+        try:
+            return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+        except EntryNotFoundError as exc:  # try the next spelling (safetensors first)
+            last_error = exc
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+            raise CdftError(missing_weights_message(model, repo_id, f"download failed: {_one_line(exc)}")) from exc
+    raise CdftError(
+        f"hub repo {repo_id} has none of {', '.join(names)} for backbone {model!r}: {_one_line(last_error)}; "
+        f"pass --weights PATH or use --no-pretrained"
+    )
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Tensors of a weights file: safetensors, or a torch file read with ``weights_only=True``.
+
+    A training checkpoint that wraps the weights (``{"state_dict": ...}``, ``{"model": ...}``)
+    is unwrapped. Anything else is a one-line error naming the file.
+    """
+    import torch
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"weights file {str(p)!r} does not exist; pass --weights PATH to an existing file")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data: Any = load_file(str(p), device="cpu")
+        else:
+            data = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CdftError(
+            f"cannot read weights file {str(p)!r} ({_one_line(exc)}); expected safetensors or a torch state dict"
+        ) from exc
+    for _ in range(2):  # e.g. {"model": {"state_dict": ...}} is rare but harmless to accept
+        if isinstance(data, Mapping):
+            inner = next((data[k] for k in _CONTAINER_KEYS if isinstance(data.get(k), Mapping)), None)
+            if inner is not None and not any(isinstance(v, torch.Tensor) for v in data.values()):
+                data = inner
+    if not isinstance(data, Mapping) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CdftError(f"weights file {str(p)!r} does not hold a state dict (a mapping of names to tensors)")
+    return dict(data)
+
+
+def strip_prefix(state_dict: Mapping[str, Tensor], prefixes: Iterable[str]) -> dict[str, Tensor]:
+    """Remove the first prefix that every key carries (``module.``, ``backbone.model.``...)."""
+    for prefix in prefixes:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+@dataclass
+class LoadReport:
+    """What a checked load did: kept for the run's log and tests."""
+
+    source: str
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"loaded {self.loaded} tensors from {self.source}"
+        if self.ignored:
+            text += f"; ignored {len(self.ignored)} classifier tensor(s)"
+        if self.unexpected:
+            text += f"; {len(self.unexpected)} unexpected: {_few(self.unexpected)}"
+        return text
+
+
+def load_state_dict_checked(
+    module: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    model: str,
+    source: str,
+    ignore: Callable[[str], bool] = lambda key: False,
+    allow_missing: Callable[[str], bool] = lambda key: False,
+) -> LoadReport:
+    """Load ``state_dict`` into ``module`` or fail with one line that says why.
+
+    - a shape mismatch means the file belongs to another architecture: error;
+    - missing keys would leave part of the backbone random: error (except ``allow_missing``);
+    - keys for which ``ignore(key)`` holds (the pretrained classifier) are dropped silently;
+    - other unexpected keys are reported as a warning and in the returned report.
+    """
+    own = module.state_dict()
+    report = LoadReport(source=source, loaded=0)
+    kept: dict[str, Tensor] = {}
+    mismatched: list[str] = []
+    for key, value in state_dict.items():
+        if key not in own:
+            (report.ignored if ignore(key) else report.unexpected).append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+        else:
+            kept[key] = value
+    if mismatched:
+        raise CdftError(
+            f"weights {source} do not fit backbone {model!r}: {len(mismatched)} shape mismatch(es), e.g. "
+            f"{_few(mismatched, 2)}; the file is for another architecture — pick the matching backbone name"
+        )
+    report.missing = [k for k in own if k not in kept and not allow_missing(k)]
+    if report.missing:
+        hint = f"; the file has unexpected keys such as {_few(report.unexpected, 2)}" if report.unexpected else ""
+        raise CdftError(
+            f"weights {source} miss {len(report.missing)} of {len(own)} tensors of backbone {model!r}, e.g. "
+            f"{_few(report.missing)}{hint}; use the file made for this architecture"
+        )
+    result = module.load_state_dict(kept, strict=False)
+    report.loaded = len(kept)
+    if result.missing_keys and not all(allow_missing(k) for k in result.missing_keys):  # pragma: no cover - guarded above
+        raise CdftError(f"weights {source} left {len(result.missing_keys)} tensors of {model!r} unset")
+    if report.unexpected:
+        warnings.warn(
+            f"weights {source}: {len(report.unexpected)} tensor(s) not used by backbone {model!r}: {_few(report.unexpected)}",
+            stacklevel=2,
+        )
+    return report
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    head = ", ".join(items[:n])
+    return head + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _one_line(exc: object) -> str:
+    return " ".join(str(exc).split())[:300]
