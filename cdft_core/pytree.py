@@ -69,10 +69,10 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in flatten(flat).items():
         node = nested
         parts = name.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1], start=1):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ValueError(f"leaf {'.'.join(parts[: parts.index(part) + 1])!r} is also a module path in {name!r}")
+                raise ValueError(f"leaf {'.'.join(parts[:depth])!r} is also a module path in {name!r}")
             node = child
         if isinstance(node.get(parts[-1]), dict):
             raise ValueError(f"leaf {name!r} is also a module path")
@@ -83,9 +83,6 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 def spelled_like(tree: Tree, flat: dict[str, Any]) -> dict[str, Any]:
     """``flat`` in the spelling (nested or flat) of ``tree``: how every function here answers."""
     return unflatten(flat) if is_nested(tree) else flat
-
-
-_like = spelled_like
 
 
 def parameters(model: torch.nn.Module, *, detach: bool = True, nested: bool = True) -> dict[str, Any]:
@@ -116,7 +113,7 @@ def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> dict[str, Any]:
     for other in others:
         _same_names(flat, other, "tree_map")
     out = {name: (None if leaf is None else fn(leaf, *(o[name] for o in others))) for name, leaf in flat.items()}
-    return _like(tree, out)
+    return spelled_like(tree, out)
 
 
 def leaves(tree: Tree) -> list[Any]:
@@ -166,7 +163,7 @@ def partition(
     chosen = _selection(flat, spec, select)
     selected = {name: (leaf if chosen[name] else None) for name, leaf in flat.items()}
     rest = {name: (None if chosen[name] else leaf) for name, leaf in flat.items()}
-    return _like(tree, selected), _like(tree, rest)
+    return spelled_like(tree, selected), spelled_like(tree, rest)
 
 
 def combine(*trees: Tree) -> dict[str, Any]:
@@ -177,7 +174,7 @@ def combine(*trees: Tree) -> dict[str, Any]:
     for other in flats[1:]:
         _same_names(flats[0], other, "combine")
     out = {name: next((f[name] for f in flats if f[name] is not None), None) for name in flats[0]}
-    return _like(trees[0], out)
+    return spelled_like(trees[0], out)
 
 
 def compact(tree: Tree) -> dict[str, Any]:
@@ -191,7 +188,7 @@ def fill_holes(compacted: Mapping[str, Any], like: Tree) -> dict[str, Any]:
     unknown = [name for name in compacted if name not in flat]
     if unknown:
         raise ValueError(f"fill_holes: names not in the tree: {unknown[:3]}")
-    return _like(like, {name: compacted.get(name) for name in flat})
+    return spelled_like(like, {name: compacted.get(name) for name in flat})
 
 
 def stack(trees: Iterable[Tree]) -> dict[str, Any]:
@@ -208,7 +205,7 @@ def stack(trees: Iterable[Tree]) -> dict[str, Any]:
         name: None if flats[0][name] is None else torch.stack([f[name] for f in flats])
         for name in flats[0]
     }
-    return _like(trees[0], out)
+    return spelled_like(trees[0], out)
 
 
 def unstack(tree: Tree) -> list[dict[str, Any]]:
@@ -218,7 +215,7 @@ def unstack(tree: Tree) -> list[dict[str, Any]]:
     if len(sizes) != 1:
         raise ValueError(f"unstack: leaves disagree on the leading dimension ({sorted(sizes)})")
     (n,) = sizes
-    return [_like(tree, {name: None if leaf is None else leaf[i] for name, leaf in flat.items()}) for i in range(n)]
+    return [spelled_like(tree, {name: None if leaf is None else leaf[i] for name, leaf in flat.items()}) for i in range(n)]
 
 
 def check_labels(labels: Mapping[str, str], settings: Mapping[str, Any], *, what: str = "strategy") -> None:
