@@ -175,6 +175,9 @@ def test_impossible_combinations_are_refused_before_any_work():
     with pytest.raises(UsageError, match=r"strategy 'linear' keeps adapter 'cdtm' frozen at its random initialisation.*frt"):
         check_compatible(_strategy("linear"), tiny_model("test_vit", "cdtm"))
     check_compatible(_strategy("full"), tiny_model("test_vit", "cdtm"))  # sensible: everything trains
+    # the same refusal from the registered adapter metadata alone, before building a model
+    with pytest.raises(UsageError, match="adapter 'none' has no parameters"):
+        check_adapter(_strategy("frt"), "none", registry=load_registry(entry_points=False))
 
 
 def test_check_adapter_reads_the_registered_metadata():
