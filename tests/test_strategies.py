@@ -80,6 +80,8 @@ def test_labels_of_single_stage_builtins(backbone, name, adapter, trains):
     # requires_grad follows the labels, and the model knows when its backbone is frozen
     assert all(p.requires_grad == (labels[n] != FROZEN) for n, p in model.named_parameters())
     assert model.backbone_frozen == ("backbone" not in trains)
+    model.train()
+    assert model.backbone.training == ("backbone" in trains)  # a frozen backbone stays in eval mode
 
 
 def test_staged_is_frt_then_everything_from_the_best_weights_at_a_tenth():
