@@ -24,6 +24,7 @@ This module imports torch and timm; plugins import it inside their factories onl
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -35,7 +36,14 @@ from timm.models import get_pretrained_cfg, is_model_in_modules, is_model_pretra
 from torch import Tensor, nn
 
 from cdft_core.errors import CdftError, UsageError
-from cdft_core.weights import LoadReport, load_state_dict_checked, read_state_dict, resolve_hub_file, strip_prefix
+from cdft_core.weights import (
+    LoadReport,
+    hub_offline,
+    load_state_dict_checked,
+    read_state_dict,
+    resolve_hub_file,
+    strip_prefix,
+)
 
 #: timm module name -> cdft family
 FAMILIES: dict[str, str] = {"vision_transformer": "vit", "convnext": "convnext"}
@@ -227,30 +235,35 @@ def build_timm_backbone(
     kwargs: dict[str, Any] = {"num_classes": 0}
     if image_size and cfg is not None and cfg.fixed_input_size:
         kwargs["img_size"] = size  # ViTs build their position embedding for this size
+    # Find the weights before building anything: a missing file fails in a second, not after a model build.
+    state_dict: Mapping[str, Tensor] | None = None
+    if weights:
+        state_dict = read_state_dict(weights)
+        note, source, origin = f"assumed for weights from file {weights}", f"file:{weights}", f"file {weights}"
+    elif pretrained:
+        path, source = locate_timm_weights(canonical, cfg)
+        note, origin = "", f"{source} ({path})"
+    else:
+        note, source, origin = "random init", "random init", ""
     try:
         model = timm.create_model(canonical, pretrained=False, **kwargs)
     except TypeError as exc:
         raise UsageError(f"timm model {canonical!r} cannot be built with {kwargs}: {_one_line(exc)}") from exc
-
-    if weights:
-        note = f"assumed for weights from file {weights}"
-        source = f"file:{weights}"
-    elif pretrained:
-        note, source = "", f"hub:{cfg.hf_hub_id}" if cfg is not None and cfg.hf_hub_id else f"url:{cfg.url if cfg else ''}"
-    else:
-        note, source = "random init", "random init"
     if cfg is not None:
         data_config = timm_data_config(canonical, size, note=note)
     else:
         data_config = _config_entry(resolve_data_config(model=model), size, f"timm default cfg of {canonical} ({note})")
-
     backbone = TimmBackbone(
         model, name=canonical, family=timm_family(canonical), image_size=size, data_config=data_config, weights=source
     )
-    if weights:
-        backbone.load_report = load_backbone_weights(model, read_state_dict(weights), name=canonical, source=f"file {weights}")
+    if state_dict is not None:
+        backbone.load_report = load_backbone_weights(model, state_dict, name=canonical, source=origin)
     elif pretrained:
-        backbone.load_report = _load_timm_pretrained(model, canonical, cfg)
+        if cfg.custom_load and source.startswith("url:") and not path.endswith(".safetensors"):
+            model.load_pretrained(path)  # e.g. big_vision .npz files: timm's own reader
+            backbone.load_report = LoadReport(source=origin, loaded=len(model.state_dict()))
+        else:
+            backbone.load_report = load_backbone_weights(model, read_state_dict(path), name=canonical, source=origin)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return backbone
@@ -270,42 +283,37 @@ def hub_filenames(filename: str | None) -> list[str]:
     return [filename]
 
 
-def _load_timm_pretrained(model: nn.Module, name: str, cfg: Any) -> LoadReport:
+def locate_timm_weights(name: str, cfg: Any) -> tuple[str, str]:
+    """(local path, ``hub:<repo>`` or ``url:<url>``) of ``name``'s pretrained weights: HF cache/hub, else torch hub cache."""
     if cfg is None:
         raise UsageError(f"timm model {name!r} has no pretrained weights; use --no-pretrained or --weights PATH")
     if cfg.hf_hub_id:
         path = resolve_hub_file(name, cfg.hf_hub_id, hub_filenames(cfg.hf_hub_filename))
-        return load_backbone_weights(model, read_state_dict(path), name=name, source=f"hub {cfg.hf_hub_id} ({path})")
+        return path, f"hub:{cfg.hf_hub_id}"
     if cfg.url:
-        return _load_from_url(model, name, cfg)
+        return _download_url(name, cfg.url), f"url:{cfg.url}"
     raise UsageError(f"timm model {name!r} lists no weight location; use --weights PATH or --no-pretrained")
 
 
-def _load_from_url(model: nn.Module, name: str, cfg: Any) -> LoadReport:
-    """Weights published only at a URL (rare in timm ≥ 1.0): torch hub's cache, else download."""
-    import os
-
-    from cdft_core.weights import hub_offline
-
-    cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url.split("?")[0]))
-    if not os.path.isfile(cache):
-        if hub_offline():
-            raise CdftError(
-                f"no pretrained weights for backbone {name!r} in the torch hub cache {cache} (HF_HUB_OFFLINE is set); "
-                f"pass --weights PATH or use --no-pretrained"
-            )
-        try:
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            torch.hub.download_url_to_file(cfg.url, cache, progress=False)
-        except Exception as exc:
-            raise CdftError(
-                f"cannot download weights for backbone {name!r} from {cfg.url} ({_one_line(exc)}); "
-                f"pass --weights PATH or use --no-pretrained"
-            ) from exc
-    if cfg.custom_load:  # e.g. big_vision .npz files: timm's own reader
-        model.load_pretrained(cache)
-        return LoadReport(source=f"url {cfg.url}", loaded=len(model.state_dict()))
-    return load_backbone_weights(model, read_state_dict(cache), name=name, source=f"url {cfg.url}")
+def _download_url(name: str, url: str) -> str:
+    """Weights published only at a URL (rare in timm 1.x): torch hub's cache, else a download."""
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
+    if os.path.isfile(cache):
+        return cache
+    if hub_offline():
+        raise CdftError(
+            f"no pretrained weights for backbone {name!r} in the torch hub cache {cache} (HF_HUB_OFFLINE is set); "
+            f"pass --weights PATH or use --no-pretrained"
+        )
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        torch.hub.download_url_to_file(url, cache, progress=False)
+    except Exception as exc:
+        raise CdftError(
+            f"cannot download weights for backbone {name!r} from {url} ({_one_line(exc)}); "
+            f"pass --weights PATH or use --no-pretrained"
+        ) from exc
+    return cache
 
 
 def _checkpoint_filter(model: nn.Module) -> Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]] | None:

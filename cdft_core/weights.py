@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -65,17 +66,30 @@ def hub_endpoint() -> str:
 
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """A TCP connect to the hub's host: a firewall that drops packets costs ``timeout``, not minutes."""
+    """A TCP connect to the hub's host, bounded by ``timeout`` seconds in all.
+
+    A firewall that drops packets, or a DNS server that never answers, costs ``timeout``
+    rather than the minutes of the HTTP client's retries. The probe runs in a daemon
+    thread because name resolution ignores socket time-outs.
+    """
     url = urlparse(hub_endpoint())
     host = url.hostname
     if not host:
         return False
     port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, name="cdft-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
 
 
 def split_revision(repo: str) -> tuple[str, str | None]:
@@ -87,7 +101,7 @@ def split_revision(repo: str) -> tuple[str, str | None]:
 def missing_weights_message(model: str, repo_id: str, reason: str) -> str:
     return (
         f"no pretrained weights for backbone {model!r} in the Hugging Face cache {hf_cache_dir()} "
-        f"({reason}); on a connected machine run `huggingface-cli download {repo_id}` and copy the cache, "
+        f"({reason}); on a connected machine run `hf download {repo_id}` and copy the cache, "
         f"or pass --weights PATH (safetensors or state dict), or use --no-pretrained"
     )
 

@@ -116,31 +116,34 @@ def build(
     cfg = open_clip.get_pretrained_cfg(model, tag)
     if not cfg:
         raise UsageError(f"open_clip has no pretrained tag {tag!r} for model {model!r}")
+    # Find the weights before building anything: a missing file fails in a second.
+    state_dict = None
     if weights:
-        note, source = f"assumed for weights from file {weights}", f"file:{weights}"
+        state_dict = read_state_dict(weights)
+        note, source, origin = f"assumed for weights from file {weights}", f"file:{weights}", f"file {weights}"
     elif pretrained:
-        note, source = "", f"hub:{cfg.get('hf_hub', '').rstrip('/')}"
+        hub = cfg.get("hf_hub", "")
+        if not hub:
+            raise UsageError(f"open_clip lists no hub repo for {name!r}; pass --weights PATH or use --no-pretrained")
+        # open_clip spells hub entries 'org/repo/' (default file) or 'org/repo/file.bin'
+        repo, filename = (hub.rstrip("/"), "") if hub.endswith("/") else os.path.split(hub)
+        path = resolve_hub_file(name, repo, hub_filenames(filename or "open_clip_pytorch_model.bin"))
+        state_dict = read_state_dict(path)
+        note, source, origin = "", f"hub:{repo}", f"hub:{repo} ({path})"
     else:
-        note, source = "random init", "random init"
+        note, source, origin = "random init", "random init", ""
     config = data_config(model, tag, image_size, note)
 
     with _quiet_random_init():
         clip = open_clip.create_model(model, pretrained=None)
     trunk = clip.visual.trunk
-    del clip  # the text tower and projection are not used
+    del clip  # the text tower and the projection are not used
     backbone = TimmBackbone(
         trunk, name=name, family=timm_family(trunk_name), image_size=config["input_size"][-1],
         data_config=config, weights=source,
     )
-    if weights:
-        backbone.load_report = load_backbone_weights(trunk, read_state_dict(weights), name=name, source=f"file {weights}")
-    elif pretrained:
-        hub = cfg.get("hf_hub", "")
-        if not hub:
-            raise UsageError(f"open_clip lists no hub repo for {name!r}; pass --weights PATH or use --no-pretrained")
-        repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
-        path = resolve_hub_file(name, repo, hub_filenames(filename or "open_clip_pytorch_model.bin"))
-        backbone.load_report = load_backbone_weights(trunk, read_state_dict(path), name=name, source=f"hub {repo} ({path})")
+    if state_dict is not None:
+        backbone.load_report = load_backbone_weights(trunk, state_dict, name=name, source=origin)
     if grad_checkpointing:
         trunk.set_grad_checkpointing(True)
     return backbone
