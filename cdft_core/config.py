@@ -1,0 +1,305 @@
+"""The run configuration: every knob of ``cdft run``, its default, and its validation.
+
+One flat dataclass is the single source of truth. A key is the CLI option's name with
+dashes turned into underscores (``--val-fold`` <-> ``val_fold``), so a YAML preset, the
+command line and the ``config.yaml`` saved with a run all speak the same language.
+Precedence: defaults < ``--config FILE.yaml`` < explicit CLI options.
+
+The defaults are the paper's recipe (SPEC §5): Adam, weight decay 1e-3, learning rate
+1e-4, batch 8 per process, 100 epochs, 2 warm-up epochs from 0.01·lr then cosine per
+step, seed 1, image size from the backbone.
+
+This module stays free of torch so the CLI can validate before any heavy import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from cdft_core.errors import UsageError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adam", "adamw")
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run; each field's ``help`` is its ``cdft run --help`` text."""
+
+    # -- data --------------------------------------------------------------------------
+    dataset: str | None = field(default=None, metadata={"help": "dataset name (`cdft list datasets`)"})
+    data_root: str | None = field(default=None, metadata={"help": "directory or fsspec URL holding the images"})
+    split_file: str | None = field(default=None, metadata={"help": "CSV image_path,label,fold from `cdft prepare`; none: split in memory"})
+    val_fold: int = field(default=0, metadata={"help": "fold used for validation (model selection)"})
+    test_fold: int = field(default=1, metadata={"help": "fold used for testing (its meaning depends on the protocol)"})
+    folds: int | None = field(default=None, metadata={"help": "number of folds when splitting in memory (dataset default if unset)"})
+    protocol: str | None = field(default=None, metadata={"help": "dataset protocol (dataset default if unset)"})
+    dataset_options: dict[str, str] = field(default_factory=dict, metadata={"help": "dataset-specific KEY=VALUE"})
+    # -- model -------------------------------------------------------------------------
+    backbone: str | None = field(default=None, metadata={"help": "backbone name (`cdft list backbones`)"})
+    adapter: str | None = field(default=None, metadata={"help": "adapter name; unset: the strategy's default"})
+    adapter_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "adapter KEY=VALUE"})
+    weights: str | None = field(default=None, metadata={"help": "local weight file for the backbone (offline machines)"})
+    pretrained: bool = field(default=True, metadata={"help": "load pretrained backbone weights (false: random init)"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the backbone"})
+    image_size: int | None = field(default=None, metadata={"help": "input size; unset: the backbone's pretrained size"})
+    # -- strategy ----------------------------------------------------------------------
+    strategy: str = field(default="staged", metadata={"help": "fine-tuning strategy (`cdft list strategies`)"})
+    strategy_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "strategy KEY=VALUE (stage_epochs, lr_factor...)"})
+    # -- optimisation ------------------------------------------------------------------
+    optimizer: str = field(default="adam", metadata={"help": "adam (paper) or adamw"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (per stage, times the stage's lr factor)"})
+    weight_decay: float = field(default=1e-3, metadata={"help": "weight decay of the optimizer"})
+    batch_size: int = field(default=8, metadata={"help": "training batch size per process"})
+    eval_batch_size: int | None = field(default=None, metadata={"help": "evaluation batch size per process (default 2x batch size)"})
+    epochs: int = field(default=100, metadata={"help": "epochs per stage unless the strategy says otherwise"})
+    warmup_epochs: float = field(default=2.0, metadata={"help": "linear warm-up length, restarted at each stage"})
+    warmup_start_factor: float = field(default=0.01, metadata={"help": "warm-up starts at this fraction of the learning rate"})
+    max_steps_per_epoch: int | None = field(default=None, metadata={"help": "cap on training steps per epoch (quick experiments)"})
+    seed: int = field(default=1, metadata={"help": "fixes the split, the initialisation, the data order and augmentation"})
+    # -- hardware ----------------------------------------------------------------------
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (with a grad scaler)"})
+    num_workers: int = field(default=4, metadata={"help": "data-loading worker processes per training process"})
+    dist_timeout: float = field(default=1800.0, metadata={"help": "seconds a collective may wait before the job fails"})
+    # -- output ------------------------------------------------------------------------
+    output: str | None = field(default=None, metadata={"help": "the run directory (local path or fsspec URL); must not hold results"})
+    runs_dir: str = field(default="runs", metadata={"help": "parent of automatically named run directories"})
+    log_every: int = field(default=20, metadata={"help": "training steps between log lines and train/loss points"})
+    tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard event files in the run directory"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> RunConfig:
+        return merge(RunConfig(), data, source=source)
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(RunConfig))
+_DICT_FIELDS = {"dataset_options", "adapter_options", "strategy_options"}
+
+
+def _field_type(name: str) -> str:
+    return str(next(f.type for f in fields(RunConfig) if f.name == name))
+
+
+def merge(base: RunConfig, overrides: Mapping[str, Any], *, source: str) -> RunConfig:
+    """``base`` with ``overrides`` applied; unknown keys and wrong types are usage errors.
+
+    Option dictionaries (``dataset_options`` ...) are merged key by key so a CLI
+    ``--adapter-option`` adds to a preset's options instead of replacing them.
+    """
+    values = base.to_dict()
+    for key, value in overrides.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELD_NAMES:
+            close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; see `cdft run --help`"
+            raise UsageError(f"{source}: unknown configuration key {key!r}{hint}")
+        values[name] = _coerce(name, value, source)
+        if name in _DICT_FIELDS:
+            merged = dict(getattr(base, name))
+            merged.update(values[name])
+            values[name] = merged
+    return RunConfig(**values)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check and convert one value to its field's type (YAML gives ints for floats etc.)."""
+    kind = _field_type(name)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise UsageError(f"{source}: {name} must not be empty")
+    if name in _DICT_FIELDS:
+        if not isinstance(value, Mapping):
+            raise UsageError(f"{source}: {name} must be a mapping of KEY: VALUE, got {value!r}")
+        if name == "dataset_options":
+            return {str(k): str(v) for k, v in value.items()}
+        return {str(k): v for k, v in value.items()}
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UsageError(f"{source}: {name} must be true or false, got {value!r}")
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not _is_int(value):
+            raise UsageError(f"{source}: {name} must be an integer, got {value!r}")
+        return int(value)
+    if kind.startswith("float"):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{source}: {name} must be a number, got {value!r}") from None
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise UsageError(f"{source}: {name} must be a string, got {value!r}")
+    return str(value)
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, int):
+        return True
+    if isinstance(value, float):
+        return value.is_integer()
+    if isinstance(value, str):
+        try:
+            int(value)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML preset (``yaml.safe_load``); it must be a mapping of config keys."""
+    import fsspec
+    import yaml
+
+    try:
+        with fsspec.open(path, "r") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path!r} not found") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise UsageError(f"config file {path!r} must be a mapping of configuration keys")
+    return dict(data)
+
+
+def dump_yaml(config: RunConfig) -> str:
+    """The resolved configuration as YAML, keys in declaration order."""
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def parse_key_values(items: Iterable[str], *, option: str, typed: bool = True) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to a dict; values are YAML scalars when ``typed`` (``0.1`` -> float)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"{option} expects KEY=VALUE, got {item!r}")
+        if typed:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
+            if isinstance(value, (dict, list)) and not raw.strip().startswith(("{", "[")):
+                value = raw
+        else:
+            value = raw
+        out[key] = value
+    return out
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need nothing but the config itself (names are resolved later, in the registry).
+
+    Raises :class:`UsageError` with one line naming the option and the fix.
+    """
+    if not config.dataset:
+        raise UsageError("no dataset given; pass --dataset NAME (see `cdft list datasets`)")
+    if not config.data_root:
+        raise UsageError("no data root given; pass --data-root DIR (the directory holding the images)")
+    if not config.backbone:
+        raise UsageError("no backbone given; pass --backbone NAME (see `cdft list backbones`)")
+    if not config.strategy:
+        raise UsageError("no strategy given; pass --strategy NAME (see `cdft list strategies`)")
+    positive = {
+        "batch_size": "--batch-size",
+        "epochs": "--epochs",
+        "log_every": "--log-every",
+    }
+    for name, option in positive.items():
+        if getattr(config, name) < 1:
+            raise UsageError(f"{option} must be at least 1, got {getattr(config, name)}")
+    for name, option in (("eval_batch_size", "--eval-batch-size"), ("max_steps_per_epoch", "--max-steps-per-epoch"),
+                         ("image_size", "--image-size"), ("folds", "--folds")):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be at least 1, got {value}")
+    if config.folds is not None and config.folds < 2:
+        raise UsageError(f"--folds must be at least 2, got {config.folds}")
+    if config.val_fold < 0 or config.test_fold < 0:
+        raise UsageError("--val-fold and --test-fold must be fold numbers (0, 1, ...)")
+    if config.val_fold == config.test_fold:
+        raise UsageError(f"--val-fold and --test-fold are both {config.val_fold}; validation and test folds must differ")
+    if config.folds is not None and max(config.val_fold, config.test_fold) >= config.folds:
+        raise UsageError(f"--val-fold/--test-fold must be below --folds {config.folds}")
+    if not config.lr > 0:
+        raise UsageError(f"--lr must be positive, got {config.lr}")
+    if config.weight_decay < 0:
+        raise UsageError(f"--weight-decay must not be negative, got {config.weight_decay}")
+    if config.warmup_epochs < 0:
+        raise UsageError(f"--warmup-epochs must not be negative, got {config.warmup_epochs}")
+    if not 0 < config.warmup_start_factor <= 1:
+        raise UsageError(f"--warmup-start-factor must be in (0, 1], got {config.warmup_start_factor}")
+    if config.num_workers < 0:
+        raise UsageError(f"--num-workers must not be negative, got {config.num_workers}")
+    if not config.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be positive seconds, got {config.dist_timeout}")
+    for name, choices in (("device", DEVICES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
+        value = getattr(config, name)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UsageError(f"--{name} {value!r} is not one of {', '.join(choices)}; {hint}".rstrip("; ").rstrip())
+    if config.pretrained is False and config.weights:
+        raise UsageError("--no-pretrained and --weights contradict each other; drop one")
+    _check_exists(config.data_root, "--data-root", "the directory holding the images", directory=True)
+    if config.split_file:
+        _check_exists(config.split_file, "--split-file", "a CSV written by `cdft prepare`", directory=False)
+    if config.weights:
+        _check_exists(config.weights, "--weights", "a .safetensors/.pth/.bin weight file", directory=False)
+
+
+def _check_exists(path: str, option: str, what: str, *, directory: bool) -> None:
+    import fsspec
+
+    try:
+        fs, inner = fsspec.core.url_to_fs(path)
+        ok = fs.isdir(inner) if directory else fs.isfile(inner)
+    except (ValueError, ImportError, OSError) as exc:
+        raise UsageError(f"{option} {path!r} cannot be opened: {exc}") from None
+    if not ok:
+        kind = "directory" if directory else "file"
+        exists = os.path.exists(path) if "://" not in path else False
+        problem = f"is not a {kind}" if exists else "does not exist"
+        raise UsageError(f"{option} {path!r} {problem}; pass {what}")
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> cuda when available; asking for cuda without one is a usage error."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return requested
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """bf16 by default on CUDA, fp32 on CPU; fp16 (grad scaler) needs CUDA."""
+    if requested == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    if requested == "fp16" and device != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device (its grad scaler); use fp32 or bf16 on CPU")
+    return requested

@@ -1,0 +1,221 @@
+"""The run directory: its name, its creation (never over a previous run), and file I/O.
+
+A run directory is a local path or an fsspec URL (``s3://bucket/runs/x``, ``memory://x``);
+everything the engine writes goes through :class:`RunDir`, so both work the same. Small
+files are rewritten whole (atomically on local disks: write a temporary file, then
+rename), which is also what makes a run killed at any moment resumable.
+
+Layout::
+
+    RUN/config.yaml            resolved configuration (``cdft run --config RUN/config.yaml`` repeats it)
+    RUN/environment.json       package versions, command line, git commit, world size
+    RUN/metrics.jsonl          one line per stage, epoch and split
+    RUN/train.log              the log lines of rank 0
+    RUN/tensorboard/           TensorBoard event files
+    RUN/<stage>/best.safetensors, best.json, confusion_matrix.csv   per stage
+    RUN/resume/                the latest resumable state (model, optimizer, schedule, RNG)
+    RUN/summary.json           written last, only by a complete run
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from typing import Any
+
+from cdft_core.errors import CdftError, UsageError
+
+#: files whose presence means "this directory holds a run"
+RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl")
+
+
+class RunDir:
+    """A directory given as a local path or fsspec URL, with whole-file reads and writes."""
+
+    def __init__(self, url: str) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/") if url not in ("/",) else url
+        self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        self.is_local = type(self.fs).__name__ == "LocalFileSystem"
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.url!r})"
+
+    def join(self, *parts: str) -> str:
+        """The URL (or local path) of a file inside the directory."""
+        return "/".join([self.url, *parts]) if not self.is_local else os.path.join(self.url, *parts)
+
+    def _inner(self, name: str) -> str:
+        return f"{self.path}/{name}" if name else self.path
+
+    def exists(self, name: str = "") -> bool:
+        return self.fs.exists(self._inner(name))
+
+    def makedirs(self, name: str = "") -> None:
+        self.fs.makedirs(self._inner(name), exist_ok=True)
+
+    def listdir(self, name: str = "") -> list[str]:
+        """Base names in a sub-directory ([] when it does not exist)."""
+        inner = self._inner(name)
+        if not self.fs.exists(inner):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(inner, detail=False))
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open(self._inner(name), "rb") as handle:
+            return handle.read()
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode("utf-8")
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write a whole file; on local disks atomically (readers never see half a file)."""
+        inner = self._inner(name)
+        parent = inner.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        if self.is_local:
+            tmp = f"{inner}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, inner)
+        else:
+            with self.fs.open(inner, "wb") as handle:
+                handle.write(data)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode("utf-8"))
+
+    def remove(self, name: str) -> None:
+        inner = self._inner(name)
+        if self.fs.exists(inner):
+            self.fs.rm(inner, recursive=True)
+
+
+def auto_name(dataset: str, backbone: str, strategy: str, val_fold: int, test_fold: int, seed: int,
+              when: float | None = None) -> str:
+    """``<dataset>-<backbone>-<strategy>-v<val>t<test>-s<seed>-<YYYYmmdd-HHMMSS>``, filesystem-safe."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when if when is not None else time.time()))
+    parts = [dataset, backbone, strategy, f"v{val_fold}t{test_fold}", f"s{seed}", stamp]
+    return "-".join(_safe(p) for p in parts)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", str(text)).strip("_") or "x"
+
+
+def holds_run(rundir: RunDir) -> bool:
+    """Whether the directory already holds a run's files (results must never be overwritten)."""
+    return any(rundir.exists(marker) for marker in RUN_MARKERS)
+
+
+def check_output(output: str | None, runs_dir: str) -> None:
+    """Before any work: ``--output`` must not hold a run and its parent must be writable."""
+    target = output if output else runs_dir
+    try:
+        rundir = RunDir(target)
+    except (ValueError, ImportError) as exc:
+        raise UsageError(f"output {target!r} cannot be opened: {exc}") from None
+    if output:
+        if holds_run(rundir):
+            raise UsageError(
+                f"--output {output!r} already holds a run; choose a new directory, "
+                f"or continue that run with `cdft run --resume {output}`"
+            )
+        if rundir.exists() and rundir.fs.isfile(rundir.path):
+            raise UsageError(f"--output {output!r} is a file, not a directory")
+    if rundir.is_local:
+        probe = os.path.abspath(target)
+        while not os.path.exists(probe):
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                break
+            probe = parent
+        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+            option = "--output" if output else "--runs-dir"
+            raise UsageError(f"{option} {target!r} is not writable ({probe} does not allow writing); choose another directory")
+
+
+def create_run_dir(output: str | None, runs_dir: str, name: str) -> RunDir:
+    """Create the run directory: ``output`` as given, or ``runs_dir/name`` made unique.
+
+    Never reuses a directory that holds a run. An automatically named directory that
+    exists already (two runs in the same second) gets a ``-2``, ``-3``... suffix.
+    """
+    check_output(output, runs_dir)
+    if output:
+        rundir = RunDir(output)
+    else:
+        base = RunDir(runs_dir)
+        candidate, n = name, 1
+        while base.exists(candidate):
+            n += 1
+            candidate = f"{name}-{n}"
+        rundir = RunDir(base.join(candidate))
+    try:
+        rundir.makedirs()
+        rundir.write_text(".cdft-run", "cdft run directory\n")
+    except OSError as exc:
+        raise CdftError(f"cannot create the run directory {rundir.url!r}: {exc}") from None
+    return rundir
+
+
+def open_existing(path: str) -> RunDir:
+    """A run directory to resume or evaluate; it must hold ``config.yaml``."""
+    try:
+        rundir = RunDir(path)
+    except (ValueError, ImportError) as exc:
+        raise UsageError(f"{path!r} cannot be opened: {exc}") from None
+    if not rundir.exists():
+        raise UsageError(f"run directory {path!r} does not exist")
+    if not rundir.exists("config.yaml"):
+        raise UsageError(f"{path!r} is not a cdft run directory (no config.yaml)")
+    return rundir
+
+
+def environment_info(argv: list[str], world_size: int) -> dict[str, Any]:
+    """What the run ran on: versions, command line, git commit (when available), host."""
+    import platform
+    import socket
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for package in ("cdft", "torch", "torchvision", "timm", "open_clip_torch", "numpy", "scikit-learn",
+                    "pandas", "safetensors", "tensorboard", "fsspec"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    commit = None
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            commit = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    cuda = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            cuda = {"version": torch.version.cuda, "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    except Exception:  # informational only
+        cuda = None
+    return {
+        "command": argv,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "packages": versions,
+        "git_commit": commit,
+        "cuda": cuda,
+        "world_size": world_size,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,190 @@
+"""``cdft run``: fine-tune a backbone, in this process or on several through torchrun.
+
+Every field of :class:`cdft_core.config.RunConfig` is an option here (``val_fold`` <->
+``--val-fold``), so the command line, ``--config FILE.yaml`` presets and the
+``config.yaml`` a run saves use the same names. Launcher options (``--nproc-per-node``,
+``--nnodes``...) hand the job to torchrun's launcher (:mod:`cdft_core.launch`); its
+workers run this same command and train in-process as ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import click
+
+from cdft_core.config import FIELD_NAMES, RunConfig
+
+#: config fields given as repeatable ``--<name>-option KEY=VALUE`` options
+_DICT_OPTIONS = {"dataset_options": "--dataset-option", "adapter_options": "--adapter-option",
+                 "strategy_options": "--strategy-option"}
+#: launcher option -> (parameter name, type)
+LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_backend", "max_restarts")
+
+
+def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """One click option per config field, defaulting to None so given options are known."""
+    defaults = RunConfig()
+    for f in reversed(dataclasses.fields(RunConfig)):
+        help_text = f.metadata.get("help", "")
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in _DICT_OPTIONS:
+            func = click.option(_DICT_OPTIONS[f.name], f.name, multiple=True, metavar="KEY=VALUE",
+                                help=f"{help_text} (repeatable)")(func)
+            continue
+        if default is not None:
+            help_text += f"  [default: {default}]"
+        kind = str(f.type)
+        if kind.startswith("bool"):
+            func = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)(func)
+        else:
+            click_type = int if kind.startswith("int") else float if kind.startswith("float") else str
+            func = click.option(flag, f.name, type=click_type, default=None, help=help_text)(func)
+    return func
+
+
+def _launch_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--nproc-per-node", "nproc_per_node", default=None,
+                     help="Launch N processes on this node through torchrun (a number, or auto, cpu, gpu)."),
+        click.option("--nnodes", default=None, help="Number of nodes (N or MIN:MAX); >1 needs --rdzv-endpoint."),
+        click.option("--node-rank", "node_rank", type=int, default=None,
+                     help="This node's rank (used by --rdzv-backend static; c10d assigns ranks itself)."),
+        click.option("--rdzv-endpoint", "rdzv_endpoint", default=None,
+                     help="HOST:PORT of the rendezvous shared by all nodes (default: a free local port)."),
+        click.option("--rdzv-id", "rdzv_id", default=None, help="Job id shared by all nodes of one run (default: cdft)."),
+        click.option("--rdzv-backend", "rdzv_backend", default=None, help="c10d (default) or static."),
+        click.option("--max-restarts", "max_restarts", type=int, default=None,
+                     help="Worker group restarts torchrun may attempt (default 0)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.command("run", context_settings={"max_content_width": 110})
+@click.option("--config", "config_file", default=None, metavar="FILE.yaml",
+              help="Read options from a YAML preset (see configs/); command-line options override it.")
+@click.option("--resume", default=None, metavar="RUN_DIR",
+              help="Continue an interrupted run from its last saved state, with its saved configuration.")
+@_config_options
+@_launch_options
+@click.pass_context
+def run_command(ctx: click.Context, config_file: str | None, resume: str | None, **params: Any) -> None:
+    """Fine-tune BACKBONE on DATASET with a fine-tuning STRATEGY (defaults: the paper's recipe).
+
+    \b
+    Examples:
+      cdft run --dataset breakhis --data-root data/BreaKHis_v1 --split-file breakhis.csv \\
+               --backbone vit_base_patch16_clip_224.laion2b --strategy staged
+      cdft run --config configs/hcrf-vit-staged.yaml --data-root data/HCRF --nproc-per-node 2
+      cdft run --resume runs/breakhis-vit_base_patch16_clip_224.laion2b-staged-v0t1-s1-20250101-120000
+    """
+    from cdft_core.config import load_yaml, merge, validate
+    from cdft_core.distributed import launched_by_torchrun
+    from cdft_core.errors import UsageError
+    from cdft_core.launch import LaunchOptions
+    from cdft_core.rundir import check_output, open_existing
+
+    launch_options = LaunchOptions(**{name: params.pop(name) for name in LAUNCH_PARAMS})
+    overrides = _overrides(params)
+    if resume:
+        if config_file or overrides:
+            given = ["--config"] if config_file else []
+            given += ["--" + k.replace("_", "-") for k in overrides]
+            raise UsageError(f"--resume continues a run with its saved configuration; drop {', '.join(given)}")
+        rundir = open_existing(resume)
+        config = merge(RunConfig(), load_yaml(rundir.join("config.yaml")), source=rundir.join("config.yaml"))
+    else:
+        preset = load_yaml(config_file) if config_file else {}
+        config = merge(RunConfig(), preset, source=config_file or "config")
+        config = merge(config, overrides, source="command line")
+    validate(config)
+    if not resume and not launched_by_torchrun():
+        check_output(config.output, config.runs_dir)
+
+    from cdft_core.engine import preflight
+
+    preflight(config)
+    if launch_options.requested:
+        if launched_by_torchrun():
+            raise UsageError("this process was already started by torchrun; drop the launcher options (--nproc-per-node ...)")
+        from cdft_core.launch import launch
+
+        launch(launch_options, _worker_args(ctx))
+        return
+    summary = _train(config, resume)
+    if summary is not None:
+        print_results(summary)
+
+
+def _overrides(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The config keys given on the command line (None and empty repeats mean "not given")."""
+    from cdft_core.config import parse_key_values
+
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        if name not in FIELD_NAMES or value is None or value == ():
+            continue
+        if name in _DICT_OPTIONS:
+            value = parse_key_values(value, option=_DICT_OPTIONS[name], typed=name != "dataset_options")
+        out[name] = value
+    return out
+
+
+def _worker_args(ctx: click.Context) -> list[str]:
+    """This command line without the launcher options, rebuilt from the parsed parameters."""
+    from click.core import ParameterSource
+
+    args = ["run"]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in LAUNCH_PARAMS:
+            continue
+        if ctx.get_parameter_source(param.name) not in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            continue
+        value = ctx.params.get(param.name)
+        if value is None:
+            continue
+        if param.is_flag and param.secondary_opts:
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.multiple:
+            for item in value:
+                args += [param.opts[0], str(item)]
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def _train(config: RunConfig, resume: str | None) -> dict[str, Any] | None:
+    """Run the engine here; under torchrun, record errors where the launcher reports them."""
+    from cdft_core import engine
+    from cdft_core.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(engine.main)(config, resume=resume, argv=sys.argv)
+    return engine.main(config, resume=resume, argv=sys.argv)
+
+
+def print_results(summary: Mapping[str, Any]) -> None:
+    """The result table (validation and test at the best epoch of each stage) and where to look next."""
+    from cdft_core.metrics import format_confusion, format_table
+
+    columns: dict[str, dict[str, Any]] = {}
+    stages = summary.get("stages", [])
+    for stage in stages:
+        prefix = f"{stage['name']} " if len(stages) > 1 else ""
+        columns[f"{prefix}val"] = stage["val"]
+        columns[f"{prefix}test"] = stage["test"]
+    click.echo(f"\nresult: test metrics at the best validation epoch ({summary['best_stage']} stage, "
+               f"epoch {summary['best_epoch']})")
+    click.echo(format_table(columns, summary.get("classes")))
+    click.echo(f"\ntest confusion matrix:\n{format_confusion(summary['test']['confusion_matrix'], summary['classes'])}")
+    run_dir = summary["run_dir"]
+    click.echo(f"\nrun directory: {run_dir}")
+    click.echo(f"tensorboard --logdir {run_dir.rstrip('/')}/tensorboard")
