@@ -93,8 +93,10 @@ def dataset_metadata(
     """
     if default_protocol not in protocols:
         raise ValueError(f"default_protocol {default_protocol!r} is not one of {sorted(protocols)}")
-    classes_json: Any = classes if isinstance(classes, str) else (
-        {k: list(v) for k, v in classes.items()} if isinstance(classes, Mapping) else list(classes)
+    classes_json: Any = (
+        classes
+        if isinstance(classes, str)
+        else ({k: list(v) for k, v in classes.items()} if isinstance(classes, Mapping) else list(classes))
     )
     return {
         "classes": classes_json,
@@ -199,7 +201,9 @@ def class_names_from_table(table: pd.DataFrame, column: str = "class_name") -> l
             continue
         old = names.setdefault(int(label), name)
         if old != name:
-            raise UsageError(f"label {int(label)} has two class names, {old!r} and {name!r}; give each label one {column}")
+            raise UsageError(
+                f"label {int(label)} has two class names, {old!r} and {name!r}; give each label one {column}"
+            )
     if not names:
         return None
     return [names.get(i, str(i)) for i in range(max(names) + 1)]
@@ -295,7 +299,9 @@ def build_dataset(
 def _protocol(dataset: Dataset, protocol: str | None) -> str:
     chosen = protocol or dataset.default_protocol
     if chosen not in dataset.protocols:
-        raise UsageError(f"unknown protocol {chosen!r} for dataset {dataset.name!r}; choose from: {', '.join(dataset.protocols)}")
+        raise UsageError(
+            f"unknown protocol {chosen!r} for dataset {dataset.name!r}; choose from: {', '.join(dataset.protocols)}"
+        )
     return chosen
 
 
@@ -383,7 +389,9 @@ def check_table(
                 f"check the dataset options (e.g. --task) match the split file"
             )
     if "class_name" in table.columns:
-        for idx, (label, name) in enumerate(zip(table["label"].tolist(), table["class_name"].astype(str).tolist(), strict=True)):
+        for idx, (label, name) in enumerate(
+            zip(table["label"].tolist(), table["class_name"].astype(str).tolist(), strict=True)
+        ):
             if name != classes[label]:
                 raise UsageError(
                     f"{where(idx)}: class_name {name!r} does not match label {label} = {classes[label]!r}; "
@@ -486,7 +494,9 @@ def _write_local(data: bytes, path: str, destination: str) -> None:
 def _scan(dataset: Dataset, root: DataRoot) -> pd.DataFrame:
     table = dataset.scan(root)
     if table is None or len(table) == 0:
-        raise CdftError(f"no images of dataset {dataset.name!r} found under data root {root.url}; check the path and the options")
+        raise CdftError(
+            f"no images of dataset {dataset.name!r} found under data root {root.url}; check the path and the options"
+        )
     return table.sort_values("image_path", kind="mergesort").reset_index(drop=True)
 
 
@@ -508,8 +518,14 @@ def prepare_with_summary(
     data_root = DataRoot.open(root)
     table = _scan(ds, data_root)
     classes = ds.class_names(table)
-    table = check_table(table.drop(columns=["fold"], errors="ignore"), classes, data_root, source="",
-                        require_fold=False, decode_check=decode_check)
+    table = check_table(
+        table.drop(columns=["fold"], errors="ignore"),
+        classes,
+        data_root,
+        source="",
+        require_fold=False,
+        decode_check=decode_check,
+    )
     n_folds = int(folds if folds is not None else ds.default_folds)
     fold_of_row = ds.assign_folds(table, n_folds, seed)
     table.insert(2, "fold", [int(f) for f in fold_of_row])
@@ -548,8 +564,14 @@ def prepare(
     before folds are assigned, so the same data, options and seed give the same table.
     """
     table, _ = prepare_with_summary(
-        dataset, root, options=options, folds=folds, seed=seed, registry=registry,
-        decode_check=decode_check, duplicates=False,
+        dataset,
+        root,
+        options=options,
+        folds=folds,
+        seed=seed,
+        registry=registry,
+        decode_check=decode_check,
+        duplicates=False,
     )
     return table
 
@@ -582,9 +604,13 @@ def load_splits(
     if split_file is not None:
         raw = read_split_file(split_file)
         classes = ds.class_names(raw)
-        table = check_table(raw, classes, data_root, source=str(split_file), require_fold=True, decode_check=decode_check)
+        table = check_table(
+            raw, classes, data_root, source=str(split_file), require_fold=True, decode_check=decode_check
+        )
     else:
-        table = prepare(dataset, root, options=resolved, folds=folds, seed=seed, registry=registry, decode_check=decode_check)
+        table = prepare(
+            dataset, root, options=resolved, folds=folds, seed=seed, registry=registry, decode_check=decode_check
+        )
         classes = ds.class_names(table)
     train, val, test = ds.build_splits(table, val_fold=int(val_fold), test_fold=int(test_fold), protocol=chosen)
     return Splits(

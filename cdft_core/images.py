@@ -6,8 +6,8 @@ whose filesystem package is installed (``s3://``, ``gs://``). Tables hold paths 
 to the root; :meth:`DataRoot.confine` is the one gate every such path goes through, so a
 split file can never make cdft read outside the root.
 
-Decoding returns RGB ``uint8`` tensors ``3×H×W``: torchvision's decoder for PNG/JPEG
-(fast), Pillow for what it cannot read (TIFF, which HCRF uses).
+Decoding returns RGB ``uint8`` tensors ``3×H×W`` (Pillow: PNG, JPEG and the TIFF that
+HCRF uses).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class DataRoot:
         if self.base and not full.startswith(prefix):
             full = "/" + full.lstrip("/")  # some filesystems drop or add the leading slash
             prefix = "/" + prefix.lstrip("/")
-        return full[len(prefix):].lstrip("/")
+        return full[len(prefix) :].lstrip("/")
 
     def confine(self, path: Any, where: str) -> str:
         """Normalise a table's ``image_path`` and refuse anything that leaves the root.
@@ -93,7 +93,9 @@ class DataRoot:
             text = self._absolute_inside(text, where)
         parts = re.split(r"[\\/]", text)
         if ".." in parts:
-            raise UsageError(f"{where}: image_path {text!r} escapes the data root with '..'; use a path inside {self.url}")
+            raise UsageError(
+                f"{where}: image_path {text!r} escapes the data root with '..'; use a path inside {self.url}"
+            )
         clean = posixpath.normpath("/".join(parts)).lstrip("/")
         if clean in ("", "."):
             raise UsageError(f"{where}: image_path {text!r} names the data root itself, not an image")
@@ -135,7 +137,9 @@ class DataRoot:
             with self.fs.open(self.path(relative), "rb") as handle:
                 return handle.read()
         except FileNotFoundError as exc:
-            raise CdftError(f"image {relative!r} not found under data root {self.url}; fix the split file or the root") from exc
+            raise CdftError(
+                f"image {relative!r} not found under data root {self.url}; fix the split file or the root"
+            ) from exc
         except OSError as exc:
             raise CdftError(f"cannot read image {relative!r} under {self.url}: {exc}") from exc
 
@@ -144,25 +148,27 @@ class DataRoot:
 
 
 def decode_image(data: bytes, name: str = "image") -> torch.Tensor:
-    """Decode encoded image bytes to an RGB ``uint8`` tensor of shape ``3×H×W``."""
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_image as tv_decode
+    """Decode encoded image bytes to an RGB ``uint8`` tensor of shape ``3×H×W``.
+
+    Pillow decodes every format the datasets use (PNG, JPEG, TIFF); torchvision's own
+    decoders are deprecated since torchvision 0.29 and cannot read TIFF.
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise CdftError(f"cannot decode image {name!r}: the file is empty; replace or remove it")
     try:
-        return tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        pass  # a format torchvision does not decode (TIFF, ...): try Pillow
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
         with Image.open(io.BytesIO(data)) as image:
             array = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise CdftError(f"cannot decode image {name!r} ({exc}); replace or remove the file") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise CdftError(f"cannot decode image {name!r} ({_first_line(exc)}); replace or remove the file") from exc
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def find_duplicates(root: DataRoot, paths: Sequence[str], sizes: dict[str, int] | None = None) -> list[list[str]]:

@@ -76,7 +76,9 @@ def split_table(
         if fold not in present:
             raise UsageError(f"{option} {fold} does not exist; the split has folds {_fold_list(present)}")
     if val_fold == test_fold:
-        raise UsageError(f"--val-fold and --test-fold are both {val_fold}; choose two different folds from {_fold_list(present)}")
+        raise UsageError(
+            f"--val-fold and --test-fold are both {val_fold}; choose two different folds from {_fold_list(present)}"
+        )
     chosen = protocol.select(present, val_fold, test_fold)
     parts = []
     for part in ("train", "val", "test"):
@@ -103,7 +105,9 @@ def check_fold_count(folds: int, units: int, unit_name: str) -> None:
     if folds < 2:
         raise UsageError(f"--folds {folds} is too small; use at least 2 folds")
     if folds > units:
-        raise UsageError(f"--folds {folds} is more than the {units} {unit_name} found; use --folds {max(units, 2)} or fewer")
+        raise UsageError(
+            f"--folds {folds} is more than the {units} {unit_name} found; use --folds {max(units, 2)} or fewer"
+        )
 
 
 def stratified_folds(labels: Sequence[int], folds: int, seed: int) -> list[int]:

@@ -129,11 +129,15 @@ def make_synthetic_breakhis(
 
     code_index = {code: i for i, (_, code, _, _, _) in enumerate(BREAKHIS_TYPES)}
     # (type index, slide id) per slide folder, in writing order
-    slides = [(t, numbers[t * patients_per_type + p]) for t in range(len(BREAKHIS_TYPES)) for p in range(patients_per_type)]
+    slides = [
+        (t, numbers[t * patients_per_type + p]) for t in range(len(BREAKHIS_TYPES)) for p in range(patients_per_type)
+    ]
     slides += [(code_index["F"], LETTERED_PATIENT + "AB"), (code_index["A"], LETTERED_PATIENT + "CD")]
     slides += [(code_index["DC"], CROSS_TYPE_PATIENT)]
 
-    def write(type_index: int, slide: str, images: dict[tuple[int, int], bytes] | None = None) -> dict[tuple[int, int], bytes]:
+    def write(
+        type_index: int, slide: str, images: dict[tuple[int, int], bytes] | None = None
+    ) -> dict[tuple[int, int], bytes]:
         """Write one slide folder; ``images`` given: write those bytes instead of new ones."""
         folder, code, kind_letter, colour, texture = BREAKHIS_TYPES[type_index]
         group = "benign" if kind_letter == "B" else "malignant"

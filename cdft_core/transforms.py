@@ -67,14 +67,19 @@ def _normalise(data_config: Mapping[str, Any]) -> list[Callable[[Any], Any]]:
     mean, std = data_config.get("mean"), data_config.get("std")
     if mean is None or std is None or len(mean) != 3 or len(std) != 3:
         raise UsageError(f"the data config needs 3-channel mean and std, got mean={mean!r} std={std!r}")
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std])]
+    return [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std]),
+    ]
 
 
 def train_transform(data_config: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The paper's augmentation: ``uint8 3×h×w`` in, normalised ``float32 3×H×W`` out."""
     from torchvision.transforms import v2
 
-    resize = v2.Resize(_size(data_config), interpolation=interpolation_mode(data_config.get("interpolation")), antialias=True)
+    resize = v2.Resize(
+        _size(data_config), interpolation=interpolation_mode(data_config.get("interpolation")), antialias=True
+    )
     return v2.Compose(
         [
             resize,
@@ -102,5 +107,7 @@ def eval_transform(data_config: Mapping[str, Any]) -> Callable[[torch.Tensor], t
     """Resize only, then the same scaling and normalisation as training."""
     from torchvision.transforms import v2
 
-    resize = v2.Resize(_size(data_config), interpolation=interpolation_mode(data_config.get("interpolation")), antialias=True)
+    resize = v2.Resize(
+        _size(data_config), interpolation=interpolation_mode(data_config.get("interpolation")), antialias=True
+    )
     return v2.Compose([resize, *_normalise(data_config)])

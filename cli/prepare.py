@@ -69,10 +69,24 @@ def format_summary(summary: Mapping[str, Any], output: str) -> str:
     headers = ["class", "label", "images", *([who] if grouped else []), *(f"fold {f}" for f in folds)]
     rows: list[list[Any]] = []
     for row in summary["classes"]:
-        rows.append([row["name"], row["label"], row["images"], *([row["groups"]] if grouped else []),
-                     *(row["per_fold"][str(f)] for f in folds)])
-    rows.append(["total", "", summary["images"], *([summary["groups"]] if grouped else []),
-                 *(row["images"] for row in summary["folds"])])
+        rows.append(
+            [
+                row["name"],
+                row["label"],
+                row["images"],
+                *([row["groups"]] if grouped else []),
+                *(row["per_fold"][str(f)] for f in folds),
+            ]
+        )
+    rows.append(
+        [
+            "total",
+            "",
+            summary["images"],
+            *([summary["groups"]] if grouped else []),
+            *(row["images"] for row in summary["folds"]),
+        ]
+    )
     if grouped:
         rows.append([who, "", "", "", *(row["groups"] for row in summary["folds"])])
     lines = [head, table(rows, headers)]
@@ -98,7 +112,9 @@ def format_summary(summary: Mapping[str, Any], output: str) -> str:
 @click.option("-o", "--output", required=True, help="The split CSV to write (path or fsspec URL).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
-def prepare_command(ctx: click.Context, name: str, root: str, folds: int | None, seed: int, output: str, as_json: bool) -> None:
+def prepare_command(
+    ctx: click.Context, name: str, root: str, folds: int | None, seed: int, output: str, as_json: bool
+) -> None:
     """Scan dataset NAME under ROOT and write a split CSV (image_path,label,fold,...).
 
     Dataset options come after NAME and ROOT as --key value; `cdft list datasets --json`

@@ -41,12 +41,21 @@ FILE_NAME = re.compile(
 )
 
 OPTIONS = (
-    DatasetOption("task", "which labels: the paper's 4 malignant subtypes, benign vs malignant, or all 8 types",
-                  default="malignant-subtype", choices=tuple(TASKS)),
-    DatasetOption("magnification", "keep images of one magnification, or all", default="200X",
-                  choices=(*MAGNIFICATIONS, "all")),
-    DatasetOption("split", "fold assignment: grouped by patient (no leakage) or the paper's image-level split",
-                  default="patient", choices=("patient", "image")),
+    DatasetOption(
+        "task",
+        "which labels: the paper's 4 malignant subtypes, benign vs malignant, or all 8 types",
+        default="malignant-subtype",
+        choices=tuple(TASKS),
+    ),
+    DatasetOption(
+        "magnification", "keep images of one magnification, or all", default="200X", choices=(*MAGNIFICATIONS, "all")
+    ),
+    DatasetOption(
+        "split",
+        "fold assignment: grouped by patient (no leakage) or the paper's image-level split",
+        default="patient",
+        choices=("patient", "image"),
+    ),
 )
 
 

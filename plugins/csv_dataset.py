@@ -11,8 +11,8 @@ optionally ``group`` (rows of one group, e.g. one patient, always share a fold),
 - To keep your own folds, pass the CSV (with ``fold``) as the split file of a run:
   paper-format files (``image_path,label,fold``) are read unchanged.
 
-Class names: the ``--classes a,b,c`` option (label order), else the ``class_name``
-column, else the label numbers.
+Class names: the ``--classes a,b,c`` option (label order; it replaces the CSV's
+``class_name`` column), else the ``class_name`` column, else the label numbers.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ if TYPE_CHECKING:
     from cdft_core.images import DataRoot
 
 OPTIONS = (
-    DatasetOption("table", "the CSV (image_path,label[,group][,class_name]): relative to the root, or a path/URL",
-                  default="labels.csv"),
+    DatasetOption(
+        "table",
+        "the CSV (image_path,label[,group][,class_name]): relative to the root, or a path/URL",
+        default="labels.csv",
+    ),
     DatasetOption("classes", "class names in label order, comma-separated (default: the class_name column)"),
 )
 
@@ -73,7 +76,8 @@ class CsvDataset(BaseDataset):
                 f"{what} has no column {', '.join(missing)} (columns: {', '.join(map(str, table.columns))}); "
                 f"it needs image_path,label and optionally group, class_name"
             )
-        return table.drop(columns=["fold"], errors="ignore")
+        # new folds are assigned; names given by --classes replace the CSV's class_name
+        return table.drop(columns=["fold", *(["class_name"] if self.names else [])], errors="ignore")
 
 
 def make_csv(**options: str) -> CsvDataset:

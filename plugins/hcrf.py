@@ -60,7 +60,9 @@ class HCRF(BaseDataset):
         if len(self.folders) != 2:
             from cdft_core.errors import UsageError
 
-            raise UsageError(f"--normal and --abnormal name the same folder {normal!r}; give two different folder names")
+            raise UsageError(
+                f"--normal and --abnormal name the same folder {normal!r}; give two different folder names"
+            )
 
     def scan(self, root: DataRoot) -> pd.DataFrame:
         import pandas as pd

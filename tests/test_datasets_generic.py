@@ -1,0 +1,92 @@
+"""The generic csv and imagefolder datasets, and paper-format split files read unchanged."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from helpers_data import hcrf_root
+
+from cdft_core.datasets import Dataset, build_dataset, load_splits, prepare
+from cdft_core.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def hcrf(tmp_path_factory) -> str:
+    return hcrf_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def listing(hcrf) -> pd.DataFrame:
+    """The HCRF images as a user's own CSV: 5 'patients', class names, an old fold column."""
+    table = prepare("hcrf", hcrf, decode_check=1)
+    table = table[["image_path", "label", "class_name"]].copy()
+    table["group"] = [f"p{i % 5}{label}" for i, label in enumerate(table["label"])]
+    table["fold"] = 9
+    return table
+
+
+def test_every_builtin_dataset_satisfies_the_protocol():
+    for name, options in (("breakhis", {}), ("hcrf", {}), ("csv", {}), ("imagefolder", {})):
+        dataset, resolved = build_dataset(name, options)
+        assert isinstance(dataset, Dataset), name
+        assert dataset.default_protocol in dataset.protocols
+
+
+def test_csv_dataset_groups_and_names_classes(hcrf, listing):
+    listing.to_csv(f"{hcrf}/labels.csv", index=False)
+    table = prepare("csv", hcrf, folds=3, decode_check=1)
+    assert sorted(table["fold"].unique()) == [0, 1, 2]  # the old fold column is replaced
+    assert (table.groupby("group")["fold"].nunique() == 1).all()
+    assert list(table.columns[:5]) == ["image_path", "label", "fold", "class_name", "group"]
+    splits = load_splits("csv", hcrf, split_file=None, folds=3, val_fold=0, test_fold=1)
+    assert splits.classes == ["normal", "abnormal"]
+    renamed = load_splits("csv", hcrf, split_file=None, folds=3, val_fold=0, test_fold=1,
+                          options={"table": "labels.csv", "classes": "healthy,tumour"}, decode_check=1)  # fmt: skip
+    assert renamed.classes == ["healthy", "tumour"]
+
+
+def test_csv_dataset_table_by_absolute_path_and_label_numbers(hcrf, listing, tmp_path):
+    listing[["image_path", "label"]].to_csv(tmp_path / "mine.csv", index=False)
+    table = prepare("csv", hcrf, options={"table": str(tmp_path / "mine.csv")}, decode_check=1)
+    assert table["class_name"].tolist() == [str(v) for v in table["label"]]
+    listing[["image_path"]].to_csv(tmp_path / "broken.csv", index=False)
+    with pytest.raises(UsageError, match=r"--table .*broken.csv' has no column label .*needs image_path,label"):
+        prepare("csv", hcrf, options={"table": str(tmp_path / "broken.csv")})
+
+
+def test_paper_format_split_file_is_read_unchanged(hcrf, tmp_path):
+    """image_path,label,fold only, as the paper's notebook wrote them."""
+    table = prepare("hcrf", hcrf, decode_check=1)[["image_path", "label", "fold"]]
+    table.to_csv(tmp_path / "paper.csv", index=False)
+    for name in ("hcrf", "csv"):
+        splits = load_splits(name, hcrf, split_file=str(tmp_path / "paper.csv"), val_fold=1, test_fold=3)
+        assert list(splits.train.columns) == ["image_path", "label", "fold"]
+        assert (
+            pd.concat([splits.train, splits.val, splits.test])
+            .sort_values("image_path")
+            .reset_index(drop=True)
+            .equals(table.sort_values("image_path").reset_index(drop=True))
+        )
+    assert load_splits("csv", hcrf, split_file=str(tmp_path / "paper.csv"), val_fold=1, test_fold=3).classes == [
+        "0",
+        "1",
+    ]
+
+
+def test_imagefolder(tmp_path, hcrf):
+    import shutil
+
+    for name in ("Normal", "Abnormal"):
+        shutil.copytree(f"{hcrf}/{name}", tmp_path / "data" / name.lower())
+    root = str(tmp_path / "data")
+    table = prepare("imagefolder", root, decode_check=1)
+    # masks are plain images here: imagefolder takes every image in the class folders
+    assert table.groupby("class_name").size().to_dict() == {"abnormal": 24, "normal": 8}
+    assert (table["label"] == table["class_name"].map({"abnormal": 0, "normal": 1})).all()
+    ordered = prepare("imagefolder", root, options={"classes": "normal,abnormal"}, decode_check=1)
+    assert (ordered["label"] == ordered["class_name"].map({"normal": 0, "abnormal": 1})).all()
+    table[["image_path", "label", "fold"]].to_csv(tmp_path / "split.csv", index=False)
+    splits = load_splits("imagefolder", root, split_file=str(tmp_path / "split.csv"), val_fold=0, test_fold=1)
+    assert splits.classes == ["abnormal", "normal"]  # read back from the class folders of the paths
+    with pytest.raises(UsageError, match="--classes names folder.*tumour; folders with images: abnormal, normal"):
+        prepare("imagefolder", root, options={"classes": "normal,tumour"})

@@ -1,0 +1,83 @@
+"""HCRF: class folders, mask skipping, the paper's 4-fold low-data protocol."""
+
+from __future__ import annotations
+
+import pytest
+from helpers_data import hcrf_root
+
+from cdft_core.datasets import load_splits, prepare
+from cdft_core.errors import CdftError, UsageError
+from cdft_plugins.hcrf import is_mask
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return hcrf_root(tmp_path_factory)
+
+
+@pytest.mark.parametrize(
+    ("path", "mask"),
+    [
+        ("Abnormal/img_001_GT.png", True),
+        ("Abnormal/img_001-gt.tif", True),
+        ("Abnormal/masks/img_001.png", True),
+        ("Abnormal/GT/img_001.png", True),
+        ("GroundTruth/Abnormal/img_001.png", True),
+        ("Abnormal/img 001 mask.tiff", True),
+        ("Abnormal/img_001.png", False),
+        ("Abnormal/gtx_001.png", False),
+        ("Abnormal/unmasked_001.png", False),
+        ("Abnormal/GTEx/img.png", False),
+    ],
+)
+def test_mask_rule(path, mask):
+    assert is_mask(path.split("/")) is mask
+
+
+def test_scan_skips_masks_and_reads_both_classes(root):
+    table = prepare("hcrf", root, decode_check=None)  # decodes every image, TIFFs included
+    paths = table["image_path"].tolist()
+    assert len(paths) == 8 + 12
+    assert not any("_GT" in p or "/masks/" in p for p in paths)
+    assert any(p.endswith(".tiff") for p in paths)
+    assert table.groupby("class_name").size().to_dict() == {"abnormal": 12, "normal": 8}
+    assert (table["label"] == table["class_name"].map({"normal": 0, "abnormal": 1})).all()
+    assert all(
+        p.split("/")[0] == ("Normal" if c == "normal" else "Abnormal")
+        for p, c in zip(paths, table["class_name"], strict=True)
+    )
+    assert sorted(table["fold"].unique()) == [0, 1, 2, 3]  # 4 folds by default
+    per_fold = table.groupby(["fold", "label"]).size().unstack()
+    assert (per_fold[0] == 2).all() and (per_fold[1] == 3).all()  # stratified
+
+
+def test_paper_protocol_trains_on_the_test_fold(root):
+    splits = load_splits("hcrf", root, split_file=None, val_fold=2, test_fold=0, decode_check=1)
+    assert splits.protocol == "low-data"
+    assert splits.classes == ["normal", "abnormal"]
+    assert set(splits.train["fold"]) == {0}
+    assert set(splits.val["fold"]) == {2}
+    assert set(splits.test["fold"]) == {1, 3}
+    assert len(splits.train) == 5 and len(splits.test) == 10
+
+
+def test_standard_protocol_by_option(root):
+    splits = load_splits("hcrf", root, split_file=None, val_fold=2, test_fold=0, protocol="standard", decode_check=1)
+    assert splits.protocol == "standard"
+    assert set(splits.train["fold"]) == {1, 3}
+    assert set(splits.val["fold"]) == {2} and set(splits.test["fold"]) == {0}
+    with pytest.raises(UsageError, match="unknown protocol 'paper'.*choose from: standard, low-data"):
+        load_splits("hcrf", root, split_file=None, val_fold=2, test_fold=0, protocol="paper")
+
+
+def test_class_folders_are_matched_case_insensitively_and_can_be_renamed(tmp_path, root):
+    import shutil
+
+    shutil.copytree(f"{root}/Normal", tmp_path / "GastricSlice" / "NORMAL")
+    shutil.copytree(f"{root}/Abnormal", tmp_path / "GastricSlice" / "cancer")
+    (tmp_path / "README.png").write_bytes((tmp_path / "GastricSlice/NORMAL/normal_000.png").read_bytes())
+    with pytest.raises(CdftError, match="no HCRF images.*'normal' and 'abnormal'.*--normal/--abnormal"):
+        prepare("hcrf", str(tmp_path / "GastricSlice" / "cancer" / "masks"))
+    table = prepare("hcrf", str(tmp_path), options={"abnormal": "Cancer"}, decode_check=1)
+    assert table.groupby("label").size().to_dict() == {0: 8, 1: 12}
+    assert table["image_path"].str.startswith("GastricSlice/").all()  # README.png is outside both folders
