@@ -46,7 +46,7 @@ from cdft_core.weights import (
 )
 
 #: timm module name -> cdft family
-FAMILIES: dict[str, str] = {"vision_transformer": "vit", "convnext": "convnext"}
+FAMILIES: dict[str, str] = {"vision_transformer": "vit", "deit": "vit", "convnext": "convnext"}
 
 #: Prefixes that wrap a whole backbone state dict in files people save (DDP's ``module.``,
 #: a bare open_clip visual trunk). A cdft checkpoint's ``backbone.model.*`` keys are

@@ -246,7 +246,8 @@ def _coerce(value: Any, default: Any, what: str) -> Any:
         if isinstance(default, float):
             return float(text)
     except ValueError:
-        raise UsageError(f"{what} must be a {type(default).__name__}, got {value!r}") from None
+        kind = {int: "an integer", float: "a number"}.get(type(default), type(default).__name__)
+        raise UsageError(f"{what} must be {kind}, got {value!r}") from None
     return text
 
 

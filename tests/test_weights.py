@@ -1,0 +1,226 @@
+"""Weights: files (safetensors, torch state dicts), the Hugging Face cache, clear failures offline."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cdft_core.errors import CdftError, UsageError
+from cdft_core.registry import get_registry
+from cdft_core.weights import hf_cache_dir, read_state_dict
+
+VIT = "test_vit.r160_in1k"
+
+
+def build(name: str, **kwargs):
+    kwargs.setdefault("pretrained", False)
+    return get_registry().get("backbone", name).factory(**kwargs)
+
+
+def reference_state(name: str = "test_vit", seed: int = 7, **kwargs) -> dict[str, torch.Tensor]:
+    """A random-init timm state dict, as a hub file of that architecture would hold."""
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in build(name, **kwargs).model.state_dict().items()}
+
+
+def assert_same_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    assert set(own) == set(state)
+    for key, value in state.items():
+        assert torch.equal(own[key], value), key
+
+
+@pytest.fixture
+def offline_empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hf" / "hub"
+
+
+def fill_hub_cache(cache: str, repo_id: str, filename: str, state: dict[str, torch.Tensor]) -> None:
+    """The on-disk layout huggingface_hub uses: refs/main names a snapshot folder."""
+    from pathlib import Path
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    save_file(state, str(snapshot / filename))
+
+
+# -- files -------------------------------------------------------------------------
+
+
+def test_safetensors_file_reproduces_its_tensors(tmp_path):
+    state = reference_state()
+    path = tmp_path / "vit.safetensors"
+    save_file(state, str(path))
+    bb = build("test_vit", weights=str(path))
+    assert_same_tensors(bb.model, state)
+    assert bb.weights == f"file:{path}"
+    assert bb.load_report.loaded == len(state) and not bb.load_report.missing
+
+
+def test_bare_file_says_which_data_config_was_assumed(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(reference_state(), str(path))
+    config = build("test_vit", weights=str(path)).data_config
+    assert config["mean"] == (0.5, 0.5, 0.5) and config["input_size"] == (3, 160, 160)
+    assert VIT in config["source"] and "assumed" in config["source"] and str(path) in config["source"]
+
+
+def test_torch_state_dict_wrapped_and_prefixed_is_read_with_weights_only(tmp_path):
+    state = reference_state("test_convnext")
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, path)
+    bb = build("test_convnext", weights=str(path))
+    assert_same_tensors(bb.model, state)
+
+
+def test_cdft_model_checkpoint_keys_load_the_backbone_part(tmp_path):
+    state = reference_state()
+    full = {f"backbone.model.{k}": v for k, v in state.items()}
+    full.update({"head.weight": torch.zeros(2, 64), "head.bias": torch.zeros(2), "adapter.norm_in.weight": torch.ones(64)})
+    path = tmp_path / "model.safetensors"
+    save_file(full, str(path))
+    assert_same_tensors(build("test_vit", weights=str(path)).model, state)
+
+
+def test_pretrained_classifier_is_dropped_other_extra_keys_are_reported(tmp_path):
+    state = reference_state()
+    state_with_head = dict(state, **{"head.weight": torch.zeros(512, 64), "head.bias": torch.zeros(512)})
+    path = tmp_path / "clip.safetensors"
+    save_file(state_with_head, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bb = build("test_vit", weights=str(path))
+    assert sorted(bb.load_report.ignored) == ["head.bias", "head.weight"]
+
+    save_file(dict(state, extra_projection=torch.zeros(3)), str(path))
+    with pytest.warns(UserWarning, match="1 tensor.*not used.*extra_projection"):
+        bb = build("test_vit", weights=str(path))
+    assert bb.load_report.unexpected == ["extra_projection"]
+
+
+def test_open_clip_layout_is_converted_for_a_convnext_trunk(tmp_path):
+    state = reference_state("test_convnext")
+    layout = {f"visual.trunk.{k}": v for k, v in state.items()}
+    layout["visual.head.proj.weight"] = torch.zeros(32, 64)
+    layout["token_embedding.weight"] = torch.zeros(10, 32)  # the text tower is not ours
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file(layout, str(path))
+    assert_same_tensors(build("test_convnext", weights=str(path)).model, state)
+
+
+def test_vit_file_loads_at_another_image_size_by_resampling_position_embeddings(tmp_path):
+    state = reference_state()  # built at 160 px: 10×10 patches
+    path = tmp_path / "vit160.safetensors"
+    save_file(state, str(path))
+    bb = build("test_vit", weights=str(path), image_size=96)
+    assert bb.num_tokens() == 36
+    assert bb.model.pos_embed.shape == (1, 37, 64)
+    assert torch.equal(bb.model.patch_embed.proj.weight, state["patch_embed.proj.weight"])
+
+
+def test_wrong_architecture_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "convnext.safetensors"
+    save_file(reference_state("test_convnext"), str(path))
+    with pytest.raises(CdftError, match=r"do not fit backbone 'test_vit\.r160_in1k'|miss \d+ of \d+ tensors"):
+        build("test_vit", weights=str(path))
+
+    other = reference_state("vit_tiny_patch16_224")  # a ViT of another width: shapes differ
+    save_file(other, str(path))
+    with pytest.raises(CdftError, match=r"do not fit backbone 'test_vit\.r160_in1k'.*shape mismatch"):
+        build("test_vit", weights=str(path))
+
+
+def test_file_missing_tensors_names_them(tmp_path):
+    state = reference_state()
+    del state["blocks.0.attn.qkv.weight"]
+    path = tmp_path / "partial.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CdftError, match=r"miss 1 of \d+ tensors.*blocks\.0\.attn\.qkv\.weight"):
+        build("test_vit", weights=str(path))
+
+
+def test_unreadable_or_absent_files(tmp_path):
+    with pytest.raises(UsageError, match="does not exist.*--weights"):
+        build("test_vit", weights=str(tmp_path / "nope.safetensors"))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CdftError, match="cannot read weights file"):
+        read_state_dict(garbage)
+    listing = tmp_path / "list.pth"
+    torch.save([1, 2, 3], listing)
+    with pytest.raises(CdftError, match="does not hold a state dict"):
+        read_state_dict(listing)
+
+
+class Payload:
+    """An arbitrary class: unpickling it would mean importing and running project code."""
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    """weights_only=True: a file that needs arbitrary unpickling is not executed."""
+    path = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(1), "obj": Payload()}, path)
+    with pytest.raises(CdftError, match="cannot read weights file"):
+        read_state_dict(path)
+
+
+# -- hub cache and offline behaviour ------------------------------------------------------
+
+
+def test_offline_with_nothing_cached_fails_fast_with_one_clear_line(offline_empty_cache):
+    from cdft_core.model import build_model
+
+    start = time.monotonic()
+    with pytest.raises(CdftError) as info:
+        build_model("vit_base_patch16_clip_224.laion2b", "none", 2)
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert elapsed < 10
+    assert "\n" not in message
+    assert "'vit_base_patch16_clip_224.laion2b'" in message
+    assert str(offline_empty_cache) in message and hf_cache_dir() == str(offline_empty_cache)
+    assert "--weights" in message and "--no-pretrained" in message
+
+
+def test_unreachable_hub_fails_fast_without_offline_flag(offline_empty_cache, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    start = time.monotonic()
+    with pytest.raises(CdftError, match="unreachable.*--weights"):
+        build("convnext_base.fb_in22k", pretrained=True)
+    assert time.monotonic() - start < 10
+
+
+def test_pretrained_weights_come_from_the_local_hub_cache(offline_empty_cache, monkeypatch):
+    state = reference_state()
+    fill_hub_cache(str(offline_empty_cache), "timm/test_vit.r160_in1k", "model.safetensors", state)
+    bb = build("test_vit", pretrained=True)
+    assert_same_tensors(bb.model, state)
+    assert bb.weights == "hub:timm/test_vit.r160_in1k"
+    assert bb.data_config["source"] == "timm pretrained cfg test_vit.r160_in1k"
+
+    # Not offline, hub unreachable: the cache is still used, with no network wait.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert_same_tensors(build("test_vit", pretrained=True).model, state)
+
+
+def test_hub_cache_dir_follows_the_environment_at_call_time(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "a"))
+    assert hf_cache_dir() == str(tmp_path / "a" / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "b"))
+    assert hf_cache_dir() == str(tmp_path / "b")
