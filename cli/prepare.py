@@ -139,9 +139,9 @@ def prepare_command(
     split, summary = prepare_with_summary(name, root, options=options, folds=folds, seed=seed, registry=registry)
     write_split_file(split, output)
     notes = warnings_of(summary)
-    for note in notes:
-        warn(note)
     if as_json:
         echo_json({**summary, "output": output, "warnings": notes})
     else:
         click.echo(format_summary(summary, output))
+    for note in notes:
+        warn(note)
