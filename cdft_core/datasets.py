@@ -491,13 +491,24 @@ def _write_local(data: bytes, path: str, destination: str) -> None:
 # -- the two entry points -------------------------------------------------------------------
 
 
-def _scan(dataset: Dataset, root: DataRoot) -> pd.DataFrame:
-    table = dataset.scan(root)
+def _scan_and_fold(
+    ds: Dataset, root: DataRoot, folds: int | None, seed: int, decode_check: int | None
+) -> tuple[pd.DataFrame, list[str], int]:
+    """Scan, sort by path, validate, assign folds: (table, classes, number of folds)."""
+    table = ds.scan(root)
     if table is None or len(table) == 0:
         raise CdftError(
-            f"no images of dataset {dataset.name!r} found under data root {root.url}; check the path and the options"
+            f"no images of dataset {ds.name!r} found under data root {root.url}; check the path and the options"
         )
-    return table.sort_values("image_path", kind="mergesort").reset_index(drop=True)
+    table = table.drop(columns=["fold"], errors="ignore")
+    classes = ds.class_names(table)
+    table = check_table(table, classes, root, source="", require_fold=False, decode_check=decode_check)
+    table = table.sort_values("image_path", kind="mergesort").reset_index(drop=True)
+    n_folds = int(folds if folds is not None else ds.default_folds)
+    table.insert(2, "fold", [int(f) for f in ds.assign_folds(table, n_folds, seed)])
+    if "class_name" not in table.columns:
+        table["class_name"] = [classes[label] for label in table["label"]]
+    return order_columns(table, ds.group_column), list(classes), n_folds
 
 
 def prepare_with_summary(
@@ -511,27 +522,15 @@ def prepare_with_summary(
     decode_check: int | None = DECODE_CHECK,
     duplicates: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """:func:`prepare`, plus the report ``cdft prepare`` prints (see :func:`~cdft_core.splits.summarise`)."""
+    """:func:`prepare`, plus the report ``cdft prepare`` prints (see :func:`~cdft_core.splits.summarise`).
+
+    ``duplicates``: look for byte-identical images (reads only files of equal size).
+    """
     from cdft_core.images import DataRoot, find_duplicates
 
     ds, resolved = build_dataset(dataset, options, registry)
     data_root = DataRoot.open(root)
-    table = _scan(ds, data_root)
-    classes = ds.class_names(table)
-    table = check_table(
-        table.drop(columns=["fold"], errors="ignore"),
-        classes,
-        data_root,
-        source="",
-        require_fold=False,
-        decode_check=decode_check,
-    )
-    n_folds = int(folds if folds is not None else ds.default_folds)
-    fold_of_row = ds.assign_folds(table, n_folds, seed)
-    table.insert(2, "fold", [int(f) for f in fold_of_row])
-    if "class_name" not in table.columns:
-        table["class_name"] = [classes[label] for label in table["label"]]
-    table = order_columns(table, ds.group_column)
+    table, classes, n_folds = _scan_and_fold(ds, data_root, folds, seed, decode_check)
     dup_groups = find_duplicates(data_root, table["image_path"].tolist()) if duplicates else []
     summary = summarise(table, classes, group_column=ds.group_column, duplicates=dup_groups)
     summary.update(
@@ -542,7 +541,7 @@ def prepare_with_summary(
             "n_folds": n_folds,
             "seed": seed,
             "default_protocol": ds.default_protocol,
-            "class_names": list(classes),
+            "class_names": classes,
         }
     )
     return table, summary
@@ -608,10 +607,7 @@ def load_splits(
             raw, classes, data_root, source=str(split_file), require_fold=True, decode_check=decode_check
         )
     else:
-        table = prepare(
-            dataset, root, options=resolved, folds=folds, seed=seed, registry=registry, decode_check=decode_check
-        )
-        classes = ds.class_names(table)
+        table, classes, _ = _scan_and_fold(ds, data_root, folds, seed, decode_check)
     train, val, test = ds.build_splits(table, val_fold=int(val_fold), test_fold=int(test_fold), protocol=chosen)
     return Splits(
         classes=list(classes),

@@ -179,7 +179,7 @@ def find_duplicates(root: DataRoot, paths: Sequence[str], sizes: dict[str, int] 
     """
     sizes = sizes if sizes is not None else root.files(extensions=None)
     by_size: dict[int, list[str]] = {}
-    for path in paths:
+    for path in dict.fromkeys(paths):  # a path listed twice is not a duplicate file
         by_size.setdefault(sizes.get(path, -1), []).append(path)
     groups: dict[str, list[str]] = {}
     for size, same in by_size.items():

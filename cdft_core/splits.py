@@ -228,6 +228,7 @@ def summarise(
         duplicate_rows.append({"paths": list(paths), "folds": dup_folds})
 
     sparse = [row["name"] for row in class_rows if 0 < row["images"] < len(folds)]
+    repeated = table["image_path"][table["image_path"].duplicated()].unique().tolist()
     return {
         "images": int(len(table)),
         "groups": n_groups(slice(None)),
@@ -240,6 +241,7 @@ def summarise(
         "duplicates_across_folds": sum(1 for d in duplicate_rows if len(d["folds"]) > 1),
         "sparse_classes": sparse,
         "empty_classes": [row["name"] for row in class_rows if row["images"] == 0],
+        "repeated_rows": repeated,
     }
 
 
@@ -256,6 +258,10 @@ def warnings_of(summary: Mapping[str, Any], max_listed: int = 3) -> list[str]:
         shown = "; ".join(" = ".join(row["paths"]) for row in duplicates[:max_listed])
         more = f"; … and {len(duplicates) - max_listed} more (see --json)" if len(duplicates) > max_listed else ""
         out.append(f"{len(duplicates)} set(s) of byte-identical images{leak}: {shown}{more}")
+    repeated = summary.get("repeated_rows") or []
+    if repeated:
+        shown = ", ".join(repeated[:max_listed]) + (", …" if len(repeated) > max_listed else "")
+        out.append(f"{len(repeated)} image path(s) listed more than once: {shown}")
     for name in summary["empty_classes"]:
         out.append(f"class {name} has no images")
     for name in summary["sparse_classes"]:

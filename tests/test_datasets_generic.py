@@ -90,3 +90,43 @@ def test_imagefolder(tmp_path, hcrf):
     assert splits.classes == ["abnormal", "normal"]  # read back from the class folders of the paths
     with pytest.raises(UsageError, match="--classes names folder.*tumour; folders with images: abnormal, normal"):
         prepare("imagefolder", root, options={"classes": "normal,tumour"})
+
+
+def test_summary_and_warnings_on_a_hand_made_table():
+    from cdft_core.splits import summarise, warnings_of
+
+    table = pd.DataFrame(
+        {
+            "image_path": ["a.png", "b.png", "c.png", "c.png", "d.png", "e.png"],
+            "label": [0, 0, 1, 1, 1, 0],
+            "fold": [0, 1, 1, 1, 0, 2],
+            "group": ["p1", "p1", "p2", "p2", "p3", "p4"],
+        }
+    )
+    summary = summarise(
+        table, ["x", "y", "z"], group_column="group", duplicates=[["a.png", "d.png"], ["b.png", "e.png"]]
+    )
+    assert summary["images"] == 6 and summary["groups"] == 4
+    assert summary["leakage"] == [{"group": "p1", "folds": [0, 1]}]
+    assert summary["cross_class_groups"] == []
+    assert summary["classes"][0]["per_fold"] == {"0": 1, "1": 1, "2": 1} and summary["classes"][0]["groups"] == 2
+    assert summary["folds"] == [
+        {"fold": 0, "images": 2, "groups": 2},
+        {"fold": 1, "images": 3, "groups": 2},
+        {"fold": 2, "images": 1, "groups": 1},
+    ]
+    assert summary["duplicates_across_folds"] == 1  # a/d share fold 0; b/e are in folds 1 and 2
+    assert summary["repeated_rows"] == ["c.png"]
+    assert summary["empty_classes"] == ["z"] and summary["sparse_classes"] == []
+    lines = warnings_of(summary)
+    assert lines == [
+        "2 set(s) of byte-identical images, 1 of them across folds (leakage): a.png = d.png; b.png = e.png",
+        "1 image path(s) listed more than once: c.png",
+        "class z has no images",
+    ]
+    table.loc[4, "group"] = "p2"  # p2 now has labels 1 only; make a cross-class group
+    table.loc[5, "group"] = "p2"
+    crossed = summarise(table, ["x", "y", "z"], group_column="group")
+    assert crossed["cross_class_groups"] == [{"group": "p2", "classes": ["x", "y"]}]
+    assert "group p2 is filed under more than one class: x, y" in warnings_of(crossed)
+    assert summarise(table, ["x", "y"], group_column=None)["leakage"] == []
