@@ -130,6 +130,11 @@ class Dataset(Protocol):
         ``(train, val, test)`` tables cut from a table with a ``fold`` column, by the
         named entry of ``protocols``.
 
+    The factory receives the dataset's options as strings, already checked against the
+    :class:`DatasetOption` list of its registration metadata (names, choices, defaults):
+    options are declared there, not on the object, so ``cdft list`` can show them and
+    bad values fail before anything is built.
+
     Attributes: ``name``; ``default_protocol`` (used when the user names none);
     ``protocols`` (name -> :class:`~cdft_core.splits.FoldProtocol`); ``default_folds``;
     ``group_column``: the column naming where an image comes from (a patient), or

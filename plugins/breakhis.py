@@ -136,7 +136,7 @@ def register_datasets(register):
     register(
         "breakhis",
         make_breakhis,
-        description="BreakHis v1 breast histology; patient-level folds by default (cdft prepare breakhis ROOT)",
+        description="BreakHis v1 breast histology, 4 magnifications; patient-level folds by default",
         metadata=dataset_metadata(
             classes={task: list(names) for task, names in TASKS.items()},
             options=OPTIONS,

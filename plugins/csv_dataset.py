@@ -89,7 +89,7 @@ def register_datasets(register):
     register(
         "csv",
         make_csv,
-        description="Any images listed by a CSV (image_path,label[,group][,class_name]); folds grouped by `group`",
+        description="Your images listed by a CSV (image_path,label[,group][,class_name])",
         metadata=dataset_metadata(
             classes="from --classes, else the CSV's class_name column, else the label numbers",
             options=OPTIONS,

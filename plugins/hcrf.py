@@ -96,7 +96,7 @@ def register_datasets(register):
     register(
         "hcrf",
         make_hcrf,
-        description="HCRF gastric histopathology, normal vs abnormal; the paper's low-data 4-fold protocol",
+        description="HCRF gastric histology, normal vs abnormal; the paper's low-data protocol",
         metadata=dataset_metadata(
             classes=list(CLASSES),
             options=OPTIONS,

@@ -80,7 +80,7 @@ def register_datasets(register):
     register(
         "imagefolder",
         make_imagefolder,
-        description="Any images in one folder per class (ROOT/<class>/...); classes are the folder names",
+        description="Your images in one folder per class (ROOT/<class>/...)",
         metadata=dataset_metadata(
             classes="the class folder names, sorted (or --classes a,b,c)",
             options=OPTIONS,
