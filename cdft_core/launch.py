@@ -16,8 +16,10 @@ as one rank. No launcher of our own.
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 from cdft_core.errors import CdftError, UsageError
 
@@ -87,17 +89,19 @@ def torchrun_argv(options: LaunchOptions, worker_args: list[str]) -> list[str]:
 
 
 def launch(options: LaunchOptions, worker_args: list[str]) -> None:
-    """Start the workers through torchrun and wait; a failed worker becomes one CdftError."""
+    """Start the workers through torchrun and wait; failed workers become one CdftError."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(torchrun_argv(options, worker_args))
+    if "OMP_NUM_THREADS" not in os.environ and str(args.nproc_per_node).isdigit():
+        # share this machine's cores between the workers (torchrun would force 1 and warn)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(args.nproc_per_node)))
     try:
         run(args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        raise CdftError(_describe_failure(rank, failure, len(exc.failures))) from None
+        raise CdftError(describe_failures(exc.failures)) from None
     except SignalException as exc:
         raise Interrupted(
             f"launcher stopped by {signal.Signals(exc.sigval).name}; the workers saved a resumable state "
@@ -105,20 +109,44 @@ def launch(options: LaunchOptions, worker_args: list[str]) -> None:
         ) from None
 
 
-def _describe_failure(rank: int, failure: object, count: int) -> str:
-    exitcode = getattr(failure, "exitcode", None)
-    message = " ".join(str(getattr(failure, "message", "") or "").split())
-    if exitcode is not None and exitcode < 0:
-        try:
-            how = f"was killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            how = f"was killed by signal {-exitcode}"
-    else:
-        how = f"exited with code {exitcode}"
-    if "pytorch.org/docs" in message or message.startswith("Signal "):
-        message = ""  # torchrun's generic placeholders add nothing to the line
-    if message.startswith(("CdftError: ", "UsageError: ")):
-        message = message.split(": ", 1)[1]
-    others = f" ({count} processes failed)" if count > 1 else ""
-    detail = f": {message}" if message else " (its error is printed above)"
-    return f"distributed run failed: rank {rank} {how}{others}{detail}"
+#: words of errors that a rank raises because *another* rank went away
+_PEER_LOST = ("connection reset", "connection closed", "broken pipe", "peer", "timed out", "timeout", "nccl")
+
+
+def describe_failures(failures: dict[int, Any]) -> str:
+    """One line naming each failed rank with its exit status and first error line.
+
+    The rank that failed on its own comes first; ranks that only lost their peer (a
+    collective reporting a reset connection) come after it.
+    """
+
+    def message_of(failure: Any) -> str:
+        message = getattr(failure, "message", "") or ""
+        if isinstance(message, dict):  # the error file of @record: {"message": ..., "extraInfo": ...}
+            message = message.get("message", "")
+        message = " ".join(str(message).split())
+        if "pytorch.org/docs" in message or message.startswith("Signal "):
+            return ""  # torchrun's placeholders add nothing
+        for prefix in ("CdftError: ", "UsageError: "):
+            message = message.removeprefix(prefix)
+        return message[:300] + ("..." if len(message) > 300 else "")
+
+    def status(failure: Any) -> str:
+        code = getattr(failure, "exitcode", None)
+        if code is not None and code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
+    def secondary(item: tuple[int, Any]) -> tuple[bool, int, int]:
+        rank, failure = item
+        lost_peer = any(word in message_of(failure).lower() for word in _PEER_LOST)
+        return lost_peer, int(getattr(failure, "timestamp", 0)), rank
+
+    parts = []
+    for rank, failure in sorted(failures.items(), key=secondary):
+        message = message_of(failure)
+        parts.append(f"rank {rank} {status(failure)}" + (f": {message}" if message else ""))
+    return "distributed run failed: " + "; ".join(parts)
