@@ -36,7 +36,8 @@ Test hook (tests only, never set it in real runs): ``CDFT_TEST_FAULT`` makes one
 at a chosen step, to check that a failure ends the job promptly and that a run killed
 mid-epoch resumes exactly. Its value is ``rank=R,stage=S,epoch=E,step=N,action=A``
 (1-based stage, epoch and step; ``rank`` optional) with ``A`` = ``raise`` (raise an
-error) or ``stall`` (print ``cdft-test-fault: stalled`` on stderr and wait to be killed).
+error), ``stall`` (print ``cdft-test-fault: stalled`` on stderr and wait to be killed) or
+``sigterm`` (send itself SIGTERM, like a preempting scheduler).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -225,6 +226,9 @@ class Fault:
             print("cdft-test-fault: stalled", file=sys.stderr, flush=True)
             while True:
                 time.sleep(1)
+        if self.action == "sigterm":  # as a preempting scheduler would
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         raise CdftError(f"injected test fault on rank {rank} at stage {stage} epoch {epoch} step {step} ({FAULT_ENV})")
 
 
@@ -369,10 +373,11 @@ def _open_run_dir(config: RunConfig, resume: str | None, dist_info: DistInfo, lo
             progress, lines = Progress(), []
             log(f"resuming {rundir.url}: no saved state yet, starting from the beginning")
         else:
-            progress = Progress(**state["progress"])
+            known = {f.name for f in fields(Progress)}
+            progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
             lines = _metric_lines_until(rundir, progress) if dist_info.is_main else []
-            log(f"resuming {rundir.url} at stage {progress.stage_index + 1}, epoch {progress.epoch + 1}"
-                + (f", step {progress.step + 1}" if progress.step else ""))
+            log(f"resuming {rundir.url} after stage {progress.stage_index + 1}, epoch {progress.epoch}"
+                + (f" and {progress.step} steps of epoch {progress.epoch + 1}" if progress.step else ""))
             if progress.step and len(state["rng"]) != dist_info.world_size:
                 raise UsageError(
                     f"this state was saved in the middle of an epoch by {len(state['rng'])} processes; "
