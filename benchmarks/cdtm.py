@@ -6,6 +6,7 @@ both formulations in the same process, same parameters, same input.
 
     python benchmarks/cdtm.py            # a table
     python benchmarks/cdtm.py --json     # a JSON list, one object per shape
+    python benchmarks/cdtm.py --threads 2 --device cuda   # other settings
 
 Peak memory is the high-water mark of tensor memory allocated during one forward +
 backward pass above what existed before it (parameters and input), from the allocator's
@@ -181,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per shape")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per formulation (best reported)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1: on a shared machine, other processes stall multi-threaded kernels)",
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append", help="only these shapes")
     args = parser.parse_args(argv)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = [run_shape(name, SHAPES[name], device, args.repeats) for name in (args.shape or SHAPES)]
