@@ -224,3 +224,47 @@ def test_hub_cache_dir_follows_the_environment_at_call_time(tmp_path, monkeypatc
     assert hf_cache_dir() == str(tmp_path / "a" / "hub")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "b"))
     assert hf_cache_dir() == str(tmp_path / "b")
+
+
+def test_download_prefers_safetensors_and_falls_back_to_the_bin_file(offline_empty_cache, monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    import cdft_core.weights as weights
+
+    state = reference_state()
+    downloaded = tmp_path / "pytorch_model.bin"
+    torch.save(state, downloaded)
+    asked = []
+
+    def fake_download(repo_id, filename, *, revision=None, cache_dir=None):
+        asked.append((repo_id, filename, cache_dir))
+        if filename == "model.safetensors":
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(downloaded)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(weights, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    bb = build("test_vit", pretrained=True)
+    assert_same_tensors(bb.model, state)
+    cache = str(offline_empty_cache)
+    assert asked == [("timm/test_vit.r160_in1k", "model.safetensors", cache), ("timm/test_vit.r160_in1k", "pytorch_model.bin", cache)]
+    assert "loaded 78 tensors from hub:timm/test_vit.r160_in1k" in bb.load_report.summary()
+
+
+def test_a_failing_download_is_one_clear_line(offline_empty_cache, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import cdft_core.weights as weights
+
+    def fake_download(repo_id, filename, **kwargs):
+        raise LocalEntryNotFoundError("connection reset\nwhile fetching")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(weights, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(CdftError, match="download failed: connection reset while fetching.*--weights") as info:
+        build("test_vit", pretrained=True)
+    assert "\n" not in str(info.value)
