@@ -330,7 +330,8 @@ def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *,
     sd = strip_prefix(state_dict, ("module.",))
     if any(k.startswith(CDFT_BACKBONE_PREFIX) for k in sd):
         sd = {k[len(CDFT_BACKBONE_PREFIX):]: v for k, v in sd.items() if k.startswith(CDFT_BACKBONE_PREFIX)}
-    sd = strip_prefix(sd, WEIGHT_PREFIXES)
+    own = model.state_dict()
+    sd = strip_prefix(sd, [p for p in WEIGHT_PREFIXES if not any(k.startswith(p) for k in own)])
     converter = _checkpoint_filter(model)
     if converter is not None:
         try:
