@@ -103,7 +103,13 @@ def unflatten_optimizer(tensors: Mapping[str, torch.Tensor], rest: Mapping[str, 
         state.setdefault(int(pid), {})[key] = value
     for pid, entry in rest.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(entry)
-    return {"state": state, "param_groups": [dict(g) for g in rest["param_groups"]]}
+    groups = []
+    for saved in rest["param_groups"]:
+        group = dict(saved)
+        if isinstance(group.get("betas"), list):  # JSON has no tuples; Adam's state dict has one
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
 
 
 # -- RNG state ------------------------------------------------------------------------
