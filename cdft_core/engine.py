@@ -334,7 +334,7 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
     rundir, resume_state, progress, metric_lines = _open_run_dir(config, resume, dist_info, log, argv or sys.argv)
     tb = TensorBoardLog(
         rundir.join("tensorboard"), enabled=dist_info.is_main and config.tensorboard,
-        purge_step=progress.global_step if resume_state else None,
+        purge_step=progress.global_step if resume else None,
     )
     train_set = SeededAugmentation(ImageDataset(splits.root, splits.train, train_transform(model.data_config)), config.seed)
     val_set = ImageDataset(splits.root, splits.val, eval_transform(model.data_config))
@@ -597,11 +597,14 @@ def _wrap(run: Run, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _unused_parameters(run: Run, model: torch.nn.Module) -> list[str]:
-    """Trainable parameters that one forward/backward pass leaves without a gradient."""
+    """Trainable parameters that one forward/backward pass leaves without a gradient.
+
+    The probe runs in eval mode, so it updates no normalisation statistics.
+    """
     images = torch.stack([run.val_set[0][0]] * 2).to(run.dist.device)
     was_training = model.training
-    model.train()
-    with torch.random.fork_rng(devices=[]), _autocast(run.precision, run.dist.device):
+    model.eval()
+    with _autocast(run.precision, run.dist.device):
         model(images).float().sum().backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     for p in model.parameters():

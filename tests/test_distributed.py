@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -70,18 +71,19 @@ def test_failing_rank_ends_the_job_promptly(tmp_path_factory, tmp_path):
 
 
 def test_two_launchers_form_one_job_over_c10d(tmp_path_factory, tmp_path):
-    """The multi-node path on one machine: --nnodes 2, one process per node, c10d on 127.0.0.1."""
+    """The multi-node path on one machine: two launchers with --nnodes 2, one process each, a c10d
+    rendezvous on 127.0.0.1. One "node" is `cdft run --nnodes 2 ...`, the other an external
+    `torchrun ... -m cdft_cli run ...` (as on a cluster): both join the same job."""
     root, split = engine_data(tmp_path_factory)
     endpoint = f"127.0.0.1:{free_port()}"
-    args = quick_args(root, split, strategy="linear", epochs=1) + [
-        "--output", str(tmp_path / "run"), "--nproc-per-node", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
-        "--rdzv-id", "two-launchers",
-    ]
-    procs = [
-        subprocess.Popen(cdft_command(*args, "--node-rank", str(rank)), env=subprocess_env(), cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for rank in (0, 1)
-    ]
+    run_args = quick_args(root, split, strategy="linear", epochs=1) + ["--output", str(tmp_path / "run")]
+    ours = cdft_command(*run_args, "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "0",
+                        "--rdzv-endpoint", endpoint, "--rdzv-id", "two-launchers")
+    external = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--nnodes", "2",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-launchers",
+                "-m", "cdft_cli", *run_args]
+    procs = [subprocess.Popen(command, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for command in (ours, external)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
     summary = read_json(tmp_path / "run" / "summary.json")
