@@ -43,13 +43,12 @@ class LaunchOptions:
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
     rdzv_backend: str | None = None
-    max_restarts: int | None = None
 
     @property
     def requested(self) -> bool:
         """Whether any launcher option was given (then ``cdft run`` launches workers)."""
         return any(v is not None for v in (self.nproc_per_node, self.nnodes, self.node_rank, self.rdzv_endpoint,
-                                           self.rdzv_id, self.rdzv_backend, self.max_restarts))
+                                           self.rdzv_id, self.rdzv_backend))
 
 
 def torchrun_argv(options: LaunchOptions, worker_args: list[str]) -> list[str]:
@@ -72,7 +71,8 @@ def torchrun_argv(options: LaunchOptions, worker_args: list[str]) -> list[str]:
         raise UsageError(f"--node-rank must not be negative, got {options.node_rank}")
     if options.node_rank is not None and options.node_rank >= max_nodes:
         raise UsageError(f"--node-rank {options.node_rank} must be below --nnodes {nnodes}")
-    argv = ["--nproc-per-node", nproc, "--nnodes", nnodes, "--max-restarts", str(options.max_restarts or 0)]
+    # no restarts: a restarted worker would start the run afresh (use `cdft run --resume` instead)
+    argv = ["--nproc-per-node", nproc, "--nnodes", nnodes, "--max-restarts", "0"]
     if options.rdzv_endpoint:
         host, sep, port = options.rdzv_endpoint.rpartition(":")
         if not sep or not host or not port.isdigit():

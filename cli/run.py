@@ -21,8 +21,8 @@ from cdft_core.config import FIELD_NAMES, RunConfig
 #: config fields given as repeatable ``--<name>-option KEY=VALUE`` options
 _DICT_OPTIONS = {"dataset_options": "--dataset-option", "adapter_options": "--adapter-option",
                  "strategy_options": "--strategy-option"}
-#: launcher option -> (parameter name, type)
-LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_backend", "max_restarts")
+#: the launcher options (handed to torchrun, not to the workers)
+LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_backend")
 
 
 def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,8 +58,6 @@ def _launch_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="HOST:PORT of the rendezvous shared by all nodes (default: a free local port)."),
         click.option("--rdzv-id", "rdzv_id", default=None, help="Job id shared by all nodes of one run (default: cdft)."),
         click.option("--rdzv-backend", "rdzv_backend", default=None, help="c10d (default) or static."),
-        click.option("--max-restarts", "max_restarts", type=int, default=None,
-                     help="Worker group restarts torchrun may attempt (default 0)."),
     ]
     for option in reversed(options):
         func = option(func)
