@@ -525,25 +525,26 @@ def train_epoch(run: Run, index: int, epoch: int, model: torch.nn.Module, optimi
             optimizer.step()
         progress.global_step += 1
         progress.step = step + 1
-        sums["loss"] += float(loss.detach()) * labels.shape[0]
+        loss_value = loss.item()
+        sums["loss"] += loss_value * labels.shape[0]
         sums["correct"] += int((logits.detach().argmax(1) == labels).sum())
         sums["count"] += int(labels.shape[0])
-        window.append(float(loss.detach()))
+        window.append(loss_value)
         if run.fault is not None:
             run.fault.check(dist_info.rank, index + 1, epoch + 1, step + 1)
+        stage_lr = config.lr * run.strategy.stages[index].lr_factor * factor
         if (step + 1) % config.log_every == 0 or step + 1 == steps:
             mean_loss = mean_over_ranks(sum(window), len(window), dist_info)
             run.tb.scalar(_tag(run, index, "train/loss"), mean_loss, progress.global_step)
-            run.tb.scalar(_tag(run, index, "train/lr"), config.lr * run.strategy.stages[index].lr_factor * factor,
-                          progress.global_step)
+            run.tb.scalar(_tag(run, index, "train/lr"), stage_lr, progress.global_step)
             if bar is None:
                 rate = len(window) * config.batch_size * dist_info.world_size / max(time.time() - tick, 1e-9)
                 run.log(f"stage {index + 1} epoch {epoch + 1} step {step + 1}/{steps}: loss {mean_loss:.4f}, "
-                        f"lr {config.lr * run.strategy.stages[index].lr_factor * factor:.3g}, {rate:.1f} img/s")
+                        f"lr {stage_lr:.3g}, {rate:.1f} img/s")
             window, tick = [], time.time()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{stage_lr:.2e}")
         if step + 1 < steps and any_rank(run.stop.requested, dist_info):
             progress.epoch_sums = dict(sums)
             save_checkpoint(run, optimizer, scaler)
