@@ -263,7 +263,7 @@ class Progress:
     best_epoch: int | None = None
     best_val: dict | None = None  # validation metrics at the best epoch
     best_test: dict | None = None  # test metrics at the best epoch
-    epoch_sums: dict = field(default_factory=dict)  # running train loss/accuracy of the epoch in progress
+    epoch_sums: dict = field(default_factory=dict)  # this rank's running train loss/accuracy of the epoch in progress
     stages: list = field(default_factory=list)  # results of the finished stages
     elapsed: float = 0.0  # seconds of training before this process started
 
@@ -373,7 +373,7 @@ def _open_run_dir(config: RunConfig, resume: str | None, dist_info: DistInfo, lo
             progress, lines = Progress(), []
             log(f"resuming {rundir.url}: no saved state yet, starting from the beginning")
         else:
-            known = {f.name for f in fields(Progress)}
+            known = {f.name for f in fields(Progress)} - {"epoch_sums"}  # per rank: restored by train_stage
             progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
             lines = _metric_lines_until(rundir, progress) if dist_info.is_main else []
             log(f"resuming {rundir.url} after stage {progress.stage_index + 1}, epoch {progress.epoch}"
@@ -452,8 +452,9 @@ def train_stage(run: Run, index: int) -> None:
     scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
     if resuming and scaler is not None and state["progress"].get("scaler"):
         scaler.load_state_dict(state["progress"]["scaler"])
-    if resuming and progress.step:
+    if resuming and progress.step:  # in the middle of an epoch: this rank's RNG streams and running sums
         restore_rng(*state["rng"][run.dist.rank])
+        progress.epoch_sums = dict(state["progress"]["epoch_sums"][run.dist.rank])
 
     epochs = stage.epochs or config.epochs
     steps = _steps_per_epoch(run)
@@ -715,11 +716,13 @@ def _previous_best(run: Run, index: int) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run: Run, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
-    """A complete resumable state (every rank's RNG included), the metrics and the log (rank 0)."""
+    """A complete resumable state (every rank's RNG and running sums included), the metrics and the log (rank 0)."""
     progress = run.progress
-    rng = all_gather_objects(capture_rng(), run.dist)
+    per_rank = all_gather_objects((capture_rng(), progress.epoch_sums), run.dist)
     if run.dist.is_main:
+        rng = [rng_state for rng_state, _ in per_rank]
         record = asdict(progress)
+        record["epoch_sums"] = [sums for _, sums in per_rank]  # one entry per rank
         record["scaler"] = scaler.state_dict() if scaler is not None else None
         record["elapsed"] = progress.elapsed + time.time() - run.started
         save_resume(run.rundir, tag=resume_tag(progress.stage_index, progress.epoch, progress.step),
@@ -746,8 +749,10 @@ def _stage_result(run: Run, index: int, epochs: int) -> dict[str, Any]:
 
 
 def _interrupted_message(run: Run) -> str:
-    return (f"stopped by SIGTERM at stage {run.progress.stage_index + 1}, epoch {run.progress.epoch + 1}, "
-            f"step {run.progress.step}; the state is saved: continue with `cdft run --resume {run.rundir.url}`")
+    p = run.progress
+    where = (f"at stage {p.stage_index + 1}, epoch {p.epoch + 1}, step {p.step}" if p.step
+             else f"after stage {p.stage_index + 1}, epoch {p.epoch}")
+    return f"stopped by SIGTERM {where}; the state is saved: continue with `cdft run --resume {run.rundir.url}`"
 
 
 def finish(run: Run) -> dict[str, Any] | None:

@@ -101,6 +101,9 @@ def launch(options: LaunchOptions, worker_args: list[str]) -> None:
     try:
         run(args)
     except ChildFailedError as exc:
+        messages = [failure_message(f) for f in exc.failures.values()]
+        if all(m.startswith("Interrupted: ") for m in messages):  # every worker saved its state on SIGTERM
+            raise Interrupted(messages[0].removeprefix("Interrupted: ")) from None
         raise CdftError(describe_failures(exc.failures)) from None
     except SignalException as exc:
         raise Interrupted(
@@ -113,6 +116,19 @@ def launch(options: LaunchOptions, worker_args: list[str]) -> None:
 _PEER_LOST = ("connection reset", "connection closed", "broken pipe", "peer", "timed out", "timeout", "nccl")
 
 
+def failure_message(failure: Any) -> str:
+    """The error a worker recorded (``@record`` writes it to torchrun's error file), on one line."""
+    message = getattr(failure, "message", "") or ""
+    if isinstance(message, dict):  # the error file's layout: {"message": ..., "extraInfo": ...}
+        message = message.get("message", "")
+    message = " ".join(str(message).split())
+    if "pytorch.org/docs" in message or message.startswith("Signal "):
+        return ""  # torchrun's placeholders add nothing
+    for prefix in ("CdftError: ", "UsageError: "):
+        message = message.removeprefix(prefix)
+    return message
+
+
 def describe_failures(failures: dict[int, Any]) -> str:
     """One line naming each failed rank with its exit status and first error line.
 
@@ -120,15 +136,8 @@ def describe_failures(failures: dict[int, Any]) -> str:
     collective reporting a reset connection) come after it.
     """
 
-    def message_of(failure: Any) -> str:
-        message = getattr(failure, "message", "") or ""
-        if isinstance(message, dict):  # the error file of @record: {"message": ..., "extraInfo": ...}
-            message = message.get("message", "")
-        message = " ".join(str(message).split())
-        if "pytorch.org/docs" in message or message.startswith("Signal "):
-            return ""  # torchrun's placeholders add nothing
-        for prefix in ("CdftError: ", "UsageError: "):
-            message = message.removeprefix(prefix)
+    def short(failure: Any) -> str:
+        message = failure_message(failure)
         return message[:300] + ("..." if len(message) > 300 else "")
 
     def status(failure: Any) -> str:
@@ -142,11 +151,11 @@ def describe_failures(failures: dict[int, Any]) -> str:
 
     def secondary(item: tuple[int, Any]) -> tuple[bool, int, int]:
         rank, failure = item
-        lost_peer = any(word in message_of(failure).lower() for word in _PEER_LOST)
+        lost_peer = any(word in failure_message(failure).lower() for word in _PEER_LOST)
         return lost_peer, int(getattr(failure, "timestamp", 0)), rank
 
     parts = []
     for rank, failure in sorted(failures.items(), key=secondary):
-        message = message_of(failure)
+        message = short(failure)
         parts.append(f"rank {rank} {status(failure)}" + (f": {message}" if message else ""))
     return "distributed run failed: " + "; ".join(parts)

@@ -31,13 +31,24 @@ from cdft_core.distributed import DistInfo, gather_predictions
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def test_two_processes_match_one_process_evaluation(tmp_path_factory, tmp_path):
+_RUNS: dict[str, tuple] = {}
+
+
+def _two_process_run(factory) -> tuple:
+    """A completed 2-process staged run: (run directory, finished process), once per test process."""
+    if "two" not in _RUNS:
+        root, split = engine_data(factory)
+        run_dir = factory.mktemp("two-processes") / "run"
+        done = run_subprocess(*staged_args(root, split), "--output", str(run_dir), "--nproc-per-node", "2")
+        assert done.returncode == 0, done.stderr[-3000:]
+        _RUNS["two"] = (run_dir, done)
+    return _RUNS["two"]
+
+
+def test_two_processes_match_one_process_evaluation(tmp_path_factory):
     """A 2-process staged run (fresh DDP wrapper per stage) reports exactly the metrics that a
     1-process evaluation of its checkpoints gives on the same 9-image (odd: padded) splits."""
-    root, split = engine_data(tmp_path_factory)
-    run_dir = tmp_path / "run"
-    done = run_subprocess(*staged_args(root, split), "--output", str(run_dir), "--nproc-per-node", "2")
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir, done = _two_process_run(tmp_path_factory)
     summary = read_json(run_dir / "summary.json")
     assert summary["world_size"] == 2 and [s["name"] for s in summary["stages"]] == ["frt", "full"]
     assert "2 processes on cpu" in done.stderr and "result: test metrics" in done.stdout
@@ -51,6 +62,24 @@ def test_two_processes_match_one_process_evaluation(tmp_path_factory, tmp_path):
             assert single["n"] == 9
             assert comparable(single) == comparable(stage[split_name])
             assert single["loss"] == pytest.approx(stage[split_name]["loss"], rel=1e-5)
+
+
+def test_sigterm_on_one_rank_stops_all_and_resume_matches(tmp_path_factory, tmp_path):
+    """Preemption of a 2-process run: every rank stops at the same step, one state is saved,
+    the launcher exits 143; resumed with 2 processes the run ends exactly as the uninterrupted one."""
+    reference, _ = _two_process_run(tmp_path_factory)
+    root, split = engine_data(tmp_path_factory)
+    run_dir = tmp_path / "run"
+    # 24 training images, 2 processes, batch 8: 2 steps per epoch; rank 0 gets SIGTERM after the first
+    env = subprocess_env(CDFT_TEST_FAULT="rank=0,stage=2,epoch=1,step=1,action=sigterm")
+    done = run_subprocess(*staged_args(root, split), "--output", str(run_dir), "--nproc-per-node", "2", env=env)
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("cdft: error: stopped by SIGTERM at stage 2, epoch 1, step 1")
+    assert [p.name for p in (run_dir / "resume").glob("*.json")] == ["s01-e00000-b0000001.json"]
+    resumed = run_subprocess("run", "--resume", str(run_dir), "--nproc-per-node", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_json(run_dir / "summary.json")["test"] == read_json(reference / "summary.json")["test"]
+    assert (run_dir / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
 
 
 def test_failing_rank_ends_the_job_promptly(tmp_path_factory, tmp_path):
