@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cdft_cli.output import echo_json, report_plugin_problems, table
-from cdft_core.registry import KINDS, PLURALS, get_registry, normalise_kind
+from cdft_core.registry import KINDS, PLURALS, Component, get_registry, normalise_kind
 
 
 @click.command("list")
@@ -40,8 +40,30 @@ def list_command(kind: str | None, pattern: str | None, include_all: bool, as_js
         click.echo("no components match" + (f" {pattern!r}" if pattern else ""))
         return
     for k in KINDS:
-        rows = [(c.name, c.provider, c.description) for c in components if c.kind == k]
+        rows = [(c.name, c.provider, details(c), c.description) for c in components if c.kind == k]
         if rows:
             click.echo(f"{PLURALS[k]}:")
-            click.echo(table(rows, ("name", "provider", "description")))
+            click.echo(table(rows, ("name", "provider", "details", "description")))
             click.echo()
+
+
+def details(component: Component) -> str:
+    """The kind-specific facts worth a column; reads only cheap (non-lazy) metadata."""
+    meta = component.metadata
+    if meta.get("catalogue"):
+        return "resolvable by name"
+    if component.kind == "dataset":
+        classes = meta.get("classes")
+        if isinstance(classes, dict):  # per task: show the default task's classes
+            task = meta.get("options", {}).get("task", {}).get("default")
+            classes = classes.get(task, next(iter(classes.values()), []))
+        shown = ",".join(classes) if isinstance(classes, (list, tuple)) else "from the data"
+        return f"classes {shown}; protocol {meta.get('default_protocol', '?')}"
+    if component.kind == "backbone":
+        return ", ".join(str(meta[k]) for k in ("family", "pretraining") if meta.get(k))
+    if component.kind == "adapter":
+        return "trainable" if meta.get("has_parameters") else "no parameters"
+    if component.kind == "strategy":
+        stages = " -> ".join(meta.get("stages", []))
+        return f"{stages}; adapter {meta.get('default_adapter', '?')}" if stages else ""
+    return ""

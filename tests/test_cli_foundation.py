@@ -208,3 +208,29 @@ def test_example_package_is_discovered_and_can_be_disabled():
     assert plugins["example"]["builtin"] is False
     hidden = cdft("list", "datasets", "--json", env={"CDFT_DISABLE_PLUGINS": "example"})
     assert "example-tiles" not in {r["name"] for r in json.loads(hidden.stdout)}
+
+
+def test_plugins_doc_shows_the_example_package_verbatim():
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "plugins.md").read_text()
+    source = (root / "examples/cdft-plugin-example/cdft_plugin_example/__init__.py").read_text()
+    marker = "<!-- example-plugin: examples/cdft-plugin-example/cdft_plugin_example/__init__.py -->\n```python\n"
+    start = doc.index(marker) + len(marker)
+    assert doc[start : doc.index("```", start)] == source
+
+
+def test_example_dataset_prepares_a_patient_grouped_split(tmp_path):
+    from PIL import Image
+
+    for patient in ("p1", "p2", "p3", "p4", "p5", "p6"):
+        for cls, colour in (("stroma", (200, 80, 80)), ("tumour", (60, 60, 200))):
+            for n in range(2):
+                Image.new("RGB", (16, 16), colour).save(tmp_path / f"{patient}_{cls}_{n}.png")
+    out = tmp_path / "split.csv"
+    result = cdft("prepare", "example-tiles", str(tmp_path), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    assert len(table) == 24 and set(table["fold"]) == {0, 1, 2}
+    assert table.groupby("patient")["fold"].nunique().max() == 1  # no patient in two folds

@@ -33,7 +33,7 @@ from cdft_core.strategy import (
     train_only,
 )
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "strategies.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
 #: leaves (parameter tensors) of the timm backbones without their classifier
 BACKBONE_LEAVES = {"test_vit": 78, "test_convnext": 99}
@@ -243,11 +243,11 @@ def test_builtins_are_registered_picklable_and_cheap_to_import():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# -- a third-party strategy: the LLRD plugin module written out in docs/strategies.md ------
+# -- a third-party strategy: the LLRD plugin module written out in docs/plugins.md ------
 def _docs_llrd_module() -> types.ModuleType:
     text = DOCS.read_text(encoding="utf-8")
     match = re.search(r"<!-- llrd-plugin[^>]*-->\s*```python\n(.*?)```", text, re.S)
-    assert match, "docs/strategies.md lost its llrd plugin block"
+    assert match, "docs/plugins.md lost its llrd plugin block"
     module = types.ModuleType("cdft_llrd")
     exec(compile(match.group(1), str(DOCS), "exec"), module.__dict__)
     return module
