@@ -78,9 +78,11 @@ def test_sigterm_saves_mid_epoch_state_and_resume_matches(tmp_path_factory, tmp_
     assert states == ["s00-e00001-b0000002.json"]  # stage 1, 1 epoch done, 2 steps into the next
     assert not (run_dir / "summary.json").exists()
 
-    code, _, err = invoke("run", "--resume", str(run_dir))
-    assert code == 0, err
-    assert "2 steps of epoch 2" in err
+    # a subprocess: the loader workers fork, which is unsafe in a test process that has
+    # imported jax (multithreaded) in an earlier test
+    resumed = run_subprocess("run", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 steps of epoch 2" in resumed.stderr
     _assert_same_results(run_dir, reference)
 
 
