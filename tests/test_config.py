@@ -95,6 +95,10 @@ def test_preset_starts_with_its_command_and_resolves(preset):
     assert (config.dataset, config.strategy) == (dataset, strategy)
     assert config.backbone.startswith(family)
     assert (config.lr, config.batch_size, config.epochs, config.weight_decay) == (1e-4, 8, 100, 1e-3)
+    assert (config.optimizer, config.warmup_epochs, config.warmup_start_factor, config.seed) == ("adam", 2.0, 0.01, 1)
+    # the paper trained at 224 px; convnext_base.clip_laion2b_augreg's pretrained config says 256
+    assert config.image_size == 224
+    assert config.protocol == ("low-data" if dataset == "hcrf" else "standard")
     built, adapter = preflight(config)  # every name resolves in the registry
     assert adapter == ("cdtm" if strategy in ("frt", "staged") else "none")
     assert len(built.stages) == (2 if strategy == "staged" else 1)
