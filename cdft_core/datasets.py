@@ -36,7 +36,7 @@ pandas is imported inside the functions: plugin modules import this module at lo
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -382,7 +382,11 @@ def check_table(
             return f"split file {source} line {idx + 2}"
         return f"image {table['image_path'].iloc[idx]!r}"
 
-    table["image_path"] = [root.confine(p, where(i)) for i, p in enumerate(table["image_path"].tolist())]
+    def at(idx: int) -> str:
+        """The prefix of a message that names the image itself: the CSV line, if any."""
+        return f"{where(idx)}: " if source else ""
+
+    table["image_path"] = [root.confine(p, where(i) if source else "") for i, p in enumerate(table["image_path"].tolist())]
     table["label"] = _integers(table, "label", where)
     if "fold" in table.columns:
         table["fold"] = _integers(table, "fold", where)
@@ -408,14 +412,14 @@ def check_table(
     if absent:
         more = f" (and {len(absent) - 1} more missing)" if len(absent) > 1 else ""
         raise CdftError(
-            f"{where(absent[0])}: image {table['image_path'].iloc[absent[0]]!r} not found under data root "
+            f"{at(absent[0])}image {table['image_path'].iloc[absent[0]]!r} not found under data root "
             f"{root.url}{more}; check the root or the split file"
         )
-    _decode_sample(table, root, decode_check, where)
+    _decode_sample(table, root, decode_check, at)
     return table
 
 
-def _decode_sample(table: pd.DataFrame, root: DataRoot, count: int | None, where: Any) -> None:
+def _decode_sample(table: pd.DataFrame, root: DataRoot, count: int | None, at: Callable[[int], str]) -> None:
     from cdft_core.images import decode_image
 
     total = len(table)
@@ -428,7 +432,7 @@ def _decode_sample(table: pd.DataFrame, root: DataRoot, count: int | None, where
         try:
             decode_image(root.read_bytes(path), path)
         except CdftError as exc:
-            raise CdftError(f"{where(idx)}: {exc}") from exc
+            raise CdftError(f"{at(idx)}{exc}") from exc
 
 
 def order_columns(table: pd.DataFrame, group_column: str | None) -> pd.DataFrame:

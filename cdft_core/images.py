@@ -84,24 +84,25 @@ class DataRoot:
 
         Relative paths may not contain ``..``; absolute paths and URLs are refused
         unless the root is local and the absolute path lies inside it (then it is made
-        relative). ``where`` names the CSV row or file for the error line.
+        relative). ``where`` names the CSV row for the error line (empty: the line
+        names only the path).
         """
+        at = f"{where}: " if where else ""
         text = "" if path is None else str(path).strip()
         if not text or text == "nan":
-            raise UsageError(f"{where}: image_path is empty; give the path of the image relative to the data root")
+            what = f"{at}image_path is empty" if at else "a row has an empty image_path"
+            raise UsageError(f"{what}; give the path of the image relative to the data root")
         if "://" in text or text.startswith(("/", "\\")) or _DRIVE.match(text):
-            text = self._absolute_inside(text, where)
+            text = self._absolute_inside(text, at)
         parts = re.split(r"[\\/]", text)
         if ".." in parts:
-            raise UsageError(
-                f"{where}: image_path {text!r} escapes the data root with '..'; use a path inside {self.url}"
-            )
+            raise UsageError(f"{at}image_path {text!r} escapes the data root with '..'; use a path inside {self.url}")
         clean = posixpath.normpath("/".join(parts)).lstrip("/")
         if clean in ("", "."):
-            raise UsageError(f"{where}: image_path {text!r} names the data root itself, not an image")
+            raise UsageError(f"{at}image_path {text!r} names the data root itself, not an image")
         return clean
 
-    def _absolute_inside(self, text: str, where: str) -> str:
+    def _absolute_inside(self, text: str, at: str) -> str:
         from fsspec.implementations.local import LocalFileSystem
 
         if isinstance(self.fs, LocalFileSystem) and "://" not in text:
@@ -110,7 +111,7 @@ class DataRoot:
             if absolute.startswith(base.rstrip(os.sep) + os.sep):
                 return os.path.relpath(absolute, base).replace(os.sep, "/")
         raise UsageError(
-            f"{where}: image_path {text!r} is an absolute path outside the data root {self.url}; "
+            f"{at}image_path {text!r} is an absolute path outside the data root {self.url}; "
             f"write paths relative to the root"
         )
 
@@ -161,7 +162,9 @@ def decode_image(data: bytes, name: str = "image") -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as image:
             array = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:  # its message is the repr of our BytesIO: say what it means
+        raise CdftError(f"cannot decode image {name!r} (not an image format Pillow reads); replace or remove the file") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise CdftError(f"cannot decode image {name!r} ({_first_line(exc)}); replace or remove the file") from exc
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 

@@ -95,17 +95,20 @@ def test_prepare_errors(capsys, tmp_path, breakhis, args, code, message):
         (lambda t: t.assign(label=[0, 3, 0]), 2, r"image 'img/t1.png': label 3 is outside the 2 classes \(0..1: a, b\)"),
         (lambda t: t.assign(label=["0", "x", "1"]), 2, r"label 'x' is not an integer"),
         (lambda t: t.assign(image_path=["img/t0.png", "img/gone.png", "img/t2.png"]), 1,
-         r"image 'img/gone.png' not found under data root .*tiles; check the root or the split file"),
+         r"error: image 'img/gone.png' not found under data root .*tiles; check the root or the split file"),
         (lambda t: t.assign(image_path=["img/t0.png", "../outside.png", "img/t2.png"]), 2,
          r"image_path '../outside.png' escapes the data root with '..'"),
         (lambda t: t.assign(image_path=["img/t0.png", "/etc/hostname", "img/t2.png"]), 2,
          r"image_path '/etc/hostname' is an absolute path outside the data root"),
         (lambda t: t.assign(image_path=["img/t0.png", "img/bad.png", "img/t2.png"]), 1,
-         r"image 'img/bad.png': cannot decode image 'img/bad.png' .*replace or remove the file"),
+         r"error: cannot decode image 'img/bad.png' \(.*\); replace or remove the file"),
+        (lambda t: t.assign(image_path=["img/t0.png", "img/text.png", "img/t2.png"]), 1,
+         r"error: cannot decode image 'img/text.png' \(not an image format Pillow reads\); replace or remove"),
     ],
 )  # fmt: skip
 def test_prepare_csv_errors(capsys, tiles, edit, code, message):
     (tiles / "img" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tiles / "img" / "text.png").write_text("not an image at all\n")
     table = pd.read_csv(tiles / "labels.csv")
     edit(table).to_csv(tiles / "labels.csv", index=False)
     out_csv = tiles / "split.csv"
@@ -114,7 +117,10 @@ def test_prepare_csv_errors(capsys, tiles, edit, code, message):
         capsys, "prepare", "csv", str(tiles), "--classes", "a,b", "--folds", "2", "-o", str(out_csv)
     )
     assert got == code
-    assert re.search(message, one_error(err)), err
+    line = one_error(err)
+    assert re.search(message, line), err
+    assert line.count("'img/") + line.count("'../") + line.count("'/etc") <= 1, line  # a file is named once
+    assert "object at 0x" not in line
     assert out_csv.read_text() == "previous content\n"  # a failed prepare never touches the output
 
 
