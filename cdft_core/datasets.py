@@ -313,11 +313,14 @@ def _protocol(dataset: Dataset, protocol: str | None) -> str:
 # -- reading, checking and writing split tables ---------------------------------------------
 
 
-def read_split_file(split_file: str, *, fs: Any = None, what: str = "split file") -> pd.DataFrame:
+def read_split_file(
+    split_file: str, *, fs: Any = None, what: str = "split file", missing: str = "make one with `cdft prepare`"
+) -> pd.DataFrame:
     """Read a split CSV as it is (columns are checked later).
 
     ``split_file`` is a local path or fsspec URL, or a path inside ``fs`` when given
-    (a CSV stored under a data root). ``what`` names it in error lines.
+    (a CSV stored under a data root). ``what`` names it in error lines; ``missing`` is
+    the advice when it does not exist.
     """
     import fsspec
     import pandas as pd
@@ -327,7 +330,7 @@ def read_split_file(split_file: str, *, fs: Any = None, what: str = "split file"
         with opener as handle:
             table = pd.read_csv(handle, dtype={"image_path": str}, keep_default_na=False, na_values=[""])
     except FileNotFoundError as exc:
-        raise UsageError(f"{what} {split_file!r} does not exist; make one with `cdft prepare`") from exc
+        raise UsageError(f"{what} {split_file!r} does not exist; {missing}") from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise UsageError(f"{what} {split_file!r} is not a readable CSV ({_first_line(exc)})") from exc
     except (OSError, ValueError, ImportError) as exc:

@@ -66,10 +66,11 @@ class CsvDataset(BaseDataset):
         from cdft_core.errors import UsageError
 
         what = f"--table {self.table!r}"
+        advice = "write that CSV (image_path,label[,group][,class_name]) or name yours with --table"
         if "://" in self.table or self.table.startswith("/"):
-            table = read_split_file(self.table, what=what)
+            table = read_split_file(self.table, what="--table file", missing=advice)
         else:
-            table = read_split_file(root.path(self.table), fs=root.fs, what=f"{what} under data root {root.url}")
+            table = read_split_file(root.path(self.table), fs=root.fs, what="--table file", missing=advice)
         missing = [c for c in ("image_path", "label") if c not in table.columns]
         if missing:
             raise UsageError(

@@ -124,6 +124,15 @@ def test_prepare_csv_errors(capsys, tiles, edit, code, message):
     assert out_csv.read_text() == "previous content\n"  # a failed prepare never touches the output
 
 
+def test_prepare_csv_without_its_table(capsys, tiles):
+    (tiles / "labels.csv").unlink()
+    got, _, err = run_cli(capsys, "prepare", "csv", str(tiles), "-o", str(tiles / "split.csv"))
+    assert got == 2
+    line = one_error(err)
+    assert re.search(r"--table file '.*tiles/labels.csv' does not exist; write that CSV \(image_path,label", line), line
+    assert "cdft prepare" not in line  # prepare is what reads it: no advice to run prepare
+
+
 def test_absolute_paths_inside_the_root_are_accepted(capsys, tiles):
     table = pd.read_csv(tiles / "labels.csv")
     table["image_path"] = [str(tiles / p) for p in table["image_path"]]
