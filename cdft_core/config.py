@@ -241,6 +241,9 @@ def validate(config: RunConfig) -> None:
         raise UsageError("--val-fold and --test-fold must be fold numbers (0, 1, ...)")
     if config.val_fold == config.test_fold:
         raise UsageError(f"--val-fold and --test-fold are both {config.val_fold}; validation and test folds must differ")
+    if config.folds is not None and config.split_file:
+        raise UsageError(f"--folds {config.folds} only applies when splitting in memory; the split file has its own folds: "
+                         "drop --folds (or drop --split-file)")
     if config.folds is not None and max(config.val_fold, config.test_fold) >= config.folds:
         raise UsageError(f"--val-fold/--test-fold must be below --folds {config.folds}")
     if not config.lr > 0:

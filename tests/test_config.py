@@ -72,6 +72,7 @@ def test_validate(tmp_path):
         ({"split_file": str(tmp_path / "none.csv")}, "--split-file .* does not exist"),
         ({"warmup_start_factor": 0.0}, "--warmup-start-factor"),
         ({"weights": "w.safetensors", "pretrained": False}, "contradict"),
+        ({"split_file": __file__, "folds": 3}, "drop --folds"),  # a split file has its folds: never ignore --folds
     ]
     for overrides, message in cases:
         with pytest.raises(UsageError, match=message):
