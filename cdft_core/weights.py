@@ -160,9 +160,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             data: Any = load_file(str(p), device="cpu")
         else:
             data = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # the type matters: torch reports a bad first byte as a bare KeyError(101)
         raise CdftError(
-            f"cannot read weights file {str(p)!r} ({_one_line(exc)}); expected safetensors or a torch state dict"
+            f"cannot read weights file {str(p)!r} ({type(exc).__name__}: {_one_line(exc)}); "
+            f"expected safetensors or a torch state dict"
         ) from exc
     for _ in range(2):  # e.g. {"model": {"state_dict": ...}} is rare but harmless to accept
         if isinstance(data, Mapping):
