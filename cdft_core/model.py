@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from cdft_core.errors import CdftError, UsageError
-from cdft_core.registry import get_registry
+from cdft_core.registry import get_registry, jsonable
 
 #: Version of the ``spec`` layout; :func:`model_from_spec` refuses newer ones.
 SPEC_FORMAT = 1
@@ -146,11 +146,11 @@ def build_model(
         "format": SPEC_FORMAT,
         "backbone": backbone_component.name,
         "adapter": adapter_component.name,
-        "adapter_options": _jsonable(options),
+        "adapter_options": jsonable(options),
         "num_classes": int(num_classes),
         "image_size": size,
         "grad_checkpointing": bool(grad_checkpointing),
-        "data_config": _jsonable(data_config),
+        "data_config": jsonable(data_config),
         "weights": str(getattr(bb, "weights", "pretrained" if pretrained else "random init")),
         "dim": int(bb.dim),
         "num_tokens": num_tokens,
@@ -250,12 +250,3 @@ def _coerce(value: Any, default: Any, what: str) -> Any:
         raise UsageError(f"{what} must be {kind}, got {value!r}") from None
     return text
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

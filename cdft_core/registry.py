@@ -109,7 +109,7 @@ class Component:
             "kind": self.kind,
             "provider": self.provider,
             "description": self.description,
-            "metadata": _jsonable(dict(self.metadata)),
+            "metadata": jsonable(dict(self.metadata)),
         }
 
 
@@ -442,11 +442,12 @@ def _unresolved(*args: Any, **kwargs: Any) -> Any:
     raise UsageError("a catalogue entry must be resolved by name before it is built")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with mappings, lists and scalars kept and anything else as its ``str``: safe for JSON."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
