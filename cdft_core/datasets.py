@@ -161,6 +161,10 @@ class Dataset(Protocol):
 class BaseDataset:
     """The usual :class:`Dataset` behaviour; subclasses set ``classes`` and write ``scan``.
 
+    Classes: ``classes`` when set. A dataset whose data names its classes (the generic
+    ones) leaves ``classes`` empty; its names then come from the table's ``class_name``
+    column, else :meth:`classes_from_data`.
+
     Folds: stratified by label, grouped by ``group_column`` when the table has it
     (:func:`~cdft_core.splits.stratified_group_folds`), else the paper's image-level
     ``StratifiedKFold`` (:func:`~cdft_core.splits.stratified_folds`). Splits: the named
@@ -175,7 +179,16 @@ class BaseDataset:
     protocols: Mapping[str, FoldProtocol] = PROTOCOLS
 
     def class_names(self, table: pd.DataFrame | None = None) -> list[str]:
-        return list(self.classes)
+        if self.classes or table is None:
+            return list(self.classes)
+        return class_names_from_table(table) or self.classes_from_data(table)
+
+    def classes_from_data(self, table: pd.DataFrame) -> list[str]:
+        """Names for a table without ``classes`` or a ``class_name`` column: the label numbers."""
+        import pandas as pd
+
+        labels = pd.to_numeric(table["label"], errors="coerce").dropna() if "label" in table.columns else []
+        return [str(i) for i in range(int(max(labels)) + 1)] if len(labels) else []
 
     def assign_folds(self, table: pd.DataFrame, folds: int, seed: int) -> list[int]:
         labels = table["label"].astype(int).tolist()

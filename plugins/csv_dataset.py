@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cdft_core import hookimpl
-from cdft_core.datasets import BaseDataset, DatasetOption, class_names_from_table, dataset_metadata, split_names
+from cdft_core.datasets import BaseDataset, DatasetOption, dataset_metadata, split_names
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,20 +46,8 @@ class CsvDataset(BaseDataset):
 
     def __init__(self, table: str = "labels.csv", classes: str | None = None) -> None:
         self.table = table
-        self.names = split_names(classes)
-
-    def class_names(self, table: pd.DataFrame | None = None) -> list[str]:
-        if self.names is not None:
-            return list(self.names)
-        if table is None:
-            return []
-        from_column = class_names_from_table(table)
-        if from_column is not None:
-            return from_column
-        import pandas as pd
-
-        labels = pd.to_numeric(table["label"], errors="coerce").dropna() if "label" in table.columns else []
-        return [str(i) for i in range(int(max(labels)) + 1)] if len(labels) else []
+        # no --classes: BaseDataset reads the names from the class_name column or the labels
+        self.classes = tuple(split_names(classes) or ())
 
     def scan(self, root: DataRoot) -> pd.DataFrame:
         from cdft_core.datasets import read_split_file
@@ -78,7 +66,7 @@ class CsvDataset(BaseDataset):
                 f"it needs image_path,label and optionally group, class_name"
             )
         # new folds are assigned; names given by --classes replace the CSV's class_name
-        return table.drop(columns=["fold", *(["class_name"] if self.names else [])], errors="ignore")
+        return table.drop(columns=["fold", *(["class_name"] if self.classes else [])], errors="ignore")
 
 
 def make_csv(**options: str) -> CsvDataset:

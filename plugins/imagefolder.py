@@ -32,16 +32,11 @@ class ImageFolder(BaseDataset):
     group_column = None
 
     def __init__(self, classes: str | None = None) -> None:
-        self.names = split_names(classes)
+        # no --classes: every class folder; BaseDataset reads a table's names from class_name
+        self.classes = tuple(split_names(classes) or ())
 
-    def class_names(self, table: pd.DataFrame | None = None) -> list[str]:
-        if self.names is not None:
-            return list(self.names)
-        if table is None:
-            return []
-        from_column = class_names_from_table(table)
-        if from_column is not None:
-            return from_column
+    def classes_from_data(self, table: pd.DataFrame) -> list[str]:
+        """A split file without ``class_name``: each label's class folder (first path part)."""
         folders = table.assign(class_name=table["image_path"].astype(str).str.split("/").str[0])
         return class_names_from_table(folders) or []
 
@@ -57,7 +52,7 @@ class ImageFolder(BaseDataset):
                 by_folder.setdefault(path.split("/", 1)[0], []).append(path)
         if not by_folder:
             raise CdftError(f"no images in class folders under {root.url}; expected ROOT/<class>/<image>.png")
-        classes = self.names if self.names is not None else sorted(by_folder)
+        classes = self.classes or sorted(by_folder)
         absent = [c for c in classes if c not in by_folder]
         if absent:
             raise UsageError(
