@@ -120,7 +120,7 @@ def test_summary_and_warnings_on_a_hand_made_table():
     assert summary["empty_classes"] == ["z"] and summary["sparse_classes"] == []
     lines = warnings_of(summary)
     assert lines == [
-        "2 set(s) of byte-identical images, 1 of them across folds (leakage): a.png = d.png; b.png = e.png",
+        "2 set(s) of byte-identical images, 1 of them across folds (leakage), e.g. a.png = d.png; 1 more in --json",
         "1 image path(s) listed more than once: c.png",
         "class z has no images",
     ]
