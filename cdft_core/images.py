@@ -118,19 +118,49 @@ class DataRoot:
     # -- listing and reading ----------------------------------------------------------
     def files(self, extensions: Iterable[str] | None = IMAGE_EXTENSIONS) -> dict[str, int]:
         """Every file under the root (relative path -> size in bytes), optionally by extension."""
+        from fsspec.implementations.local import LocalFileSystem
+
         try:
-            found = self.fs.find(self.base, detail=True)
+            if isinstance(self.fs, LocalFileSystem):
+                found = self._local_files()
+            else:
+                found = {
+                    self.relative(full): int(info.get("size") or 0)
+                    for full, info in self.fs.find(self.base, detail=True).items()
+                    if info.get("type", "file") == "file"
+                }
         except OSError as exc:
             raise CdftError(f"cannot list data root {self.url!r}: {exc}") from exc
         wanted = tuple(e.lower() for e in extensions) if extensions is not None else None
+        return dict(sorted((rel, size) for rel, size in found.items() if wanted is None or rel.lower().endswith(wanted)))
+
+    def _local_files(self) -> dict[str, int]:
+        """Files under a local root, following symbolic links.
+
+        fsspec's ``find`` skips links, so a root made of links to the real images (common
+        on shared clusters) looked empty or lost a class. A folder already visited (a link
+        back up the tree) is not entered again.
+        """
+
+        def fail(exc: OSError) -> None:
+            raise exc
+
         out: dict[str, int] = {}
-        for full, info in found.items():
-            if info.get("type", "file") != "file":
+        visited: set[str] = set()
+        for folder, subfolders, names in os.walk(self.base, onerror=fail, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in visited:
+                subfolders[:] = []
                 continue
-            rel = self.relative(full)
-            if wanted is None or rel.lower().endswith(wanted):
-                out[rel] = int(info.get("size") or 0)
-        return dict(sorted(out.items()))
+            visited.add(real)
+            for name in names:
+                full = os.path.join(folder, name)
+                try:
+                    size = os.stat(full).st_size
+                except FileNotFoundError:  # a dangling link: not a file; a table naming it reports it missing
+                    continue
+                out[os.path.relpath(full, self.base).replace(os.sep, "/")] = size
+        return out
 
     def read_bytes(self, relative: str) -> bytes:
         """The bytes of one file; a missing file is a :class:`CdftError` naming it."""

@@ -92,6 +92,27 @@ def test_imagefolder(tmp_path, hcrf):
         prepare("imagefolder", root, options={"classes": "normal,tumour"})
 
 
+def test_a_root_made_of_symbolic_links_is_read_through_them(hcrf, tmp_path):
+    """Class folders and images linked from elsewhere are found; a link cycle does not loop."""
+    import os
+
+    root = tmp_path / "linked"
+    (root / "abnormal").mkdir(parents=True)
+    os.symlink(f"{hcrf}/Normal", root / "normal", target_is_directory=True)
+    for image in sorted(os.listdir(f"{hcrf}/Abnormal")):
+        if image.endswith(".png"):
+            os.symlink(f"{hcrf}/Abnormal/{image}", root / "abnormal" / image)
+    os.symlink(root, root / "normal_loop", target_is_directory=True)  # a link back up the tree
+    os.symlink(tmp_path / "gone.png", root / "abnormal" / "dangling.png")
+    table = prepare("imagefolder", str(root), options={"classes": "normal,abnormal"}, folds=2, decode_check=None)
+    expected = {
+        "normal": len([f for f in os.listdir(f"{hcrf}/Normal") if f.endswith((".png", ".tiff"))]),
+        "abnormal": len([f for f in os.listdir(f"{hcrf}/Abnormal") if f.endswith(".png")]),
+    }
+    assert table.groupby("class_name").size().to_dict() == expected
+    assert not table["image_path"].str.contains("loop|dangling").any()
+
+
 def test_summary_and_warnings_on_a_hand_made_table():
     from cdft_core.splits import summarise, warnings_of
 
