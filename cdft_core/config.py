@@ -288,6 +288,21 @@ def _check_exists(path: str, option: str, what: str, *, directory: bool) -> None
         raise UsageError(f"{option} {path!r} {problem}; pass {what}")
 
 
+def absolute_paths(config: RunConfig) -> RunConfig:
+    """``config`` with relative local data, split and weight paths made absolute.
+
+    The run saves its configuration; ``cdft run --resume`` and ``cdft eval`` read it back,
+    maybe from another working directory, where a relative path would point nowhere.
+    URLs (``s3://...``, ``zip://...::...``) are left as they are.
+    """
+    changes = {}
+    for name in ("data_root", "split_file", "weights"):
+        value = getattr(config, name)
+        if value and "://" not in value and "::" not in value and not os.path.isabs(value):
+            changes[name] = os.path.abspath(value)
+    return dataclasses.replace(config, **changes)
+
+
 def resolve_device(requested: str) -> str:
     """``auto`` -> cuda when available; asking for cuda without one is a usage error."""
     import torch

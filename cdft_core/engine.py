@@ -70,7 +70,7 @@ from cdft_core.checkpoint import (
     save_model,
     save_resume,
 )
-from cdft_core.config import RunConfig, dump_yaml, resolve_device, resolve_precision
+from cdft_core.config import RunConfig, absolute_paths, dump_yaml, resolve_device, resolve_precision
 from cdft_core.distributed import (
     DistInfo,
     all_gather_objects,
@@ -308,6 +308,7 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
     from cdft_core.strategy import check_compatible
     from cdft_core.transforms import eval_transform, train_transform
 
+    config = absolute_paths(config)  # the saved config must work from any directory (resume, eval)
     strategy, adapter = preflight(config)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)

@@ -126,6 +126,22 @@ def test_eval_matches_the_run(tmp_path_factory):
     assert code == 0 and json.loads(out)["metrics"]["n"] == summary["images"]["train"]
 
 
+def test_relative_paths_are_saved_absolute(tmp_path_factory, tmp_path, monkeypatch):
+    """A run started with relative paths can be evaluated (and resumed) from another directory."""
+    import os
+
+    root, split = engine_data(tmp_path_factory)
+    monkeypatch.chdir(os.path.dirname(split))
+    args = quick_args(os.path.relpath(root), os.path.basename(split), strategy="linear", epochs=1)
+    code, _, err = invoke(*args, "--max-steps-per-epoch", "1", "--output", str(tmp_path / "run"))
+    assert code == 0, err
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"data_root: {root}" in saved and f"split_file: {split}" in saved
+    monkeypatch.chdir(tmp_path)
+    code, _, err = invoke("eval", "run", "--split", "val")
+    assert code == 0, err
+
+
 def test_eval_errors(tmp_path):
     code, _, err = invoke("eval", str(tmp_path / "missing"))
     _assert_usage_error(code, err, "does not exist")
