@@ -111,6 +111,21 @@ def preflight(config: RunConfig) -> tuple[Any, str]:
     return strategy, adapter
 
 
+def load_run_splits(config: RunConfig) -> Any:
+    """The run's train/val/test tables (folds checked, none empty); reads the split file or scans the root."""
+    from cdft_core.datasets import load_splits
+
+    splits = load_splits(
+        config.dataset, config.data_root, split_file=config.split_file, val_fold=config.val_fold,
+        test_fold=config.test_fold, protocol=config.protocol, options=config.dataset_options,
+        folds=config.folds, seed=config.seed,
+    )
+    for name in ("train", "val", "test"):
+        if len(getattr(splits, name)) == 0:
+            raise UsageError(f"the {name} split is empty (val fold {config.val_fold}, test fold {config.test_fold}); check the folds")
+    return splits
+
+
 # -- small pieces the run is made of -------------------------------------------------------
 def derive_seed(*parts: Any) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (e.g. seed, purpose, epoch, index)."""
@@ -302,7 +317,6 @@ class Run:
 # -- setup ------------------------------------------------------------------------------
 def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None = None) -> Run:
     """Join the process group, load data and model, create (or reopen) the run directory."""
-    from cdft_core.datasets import load_splits
     from cdft_core.images import ImageDataset
     from cdft_core.model import build_model
     from cdft_core.strategy import check_compatible
@@ -316,14 +330,7 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
     log = RunLog(dist_info.is_main)
     torch.set_float32_matmul_precision("high")
 
-    splits = load_splits(
-        config.dataset, config.data_root, split_file=config.split_file, val_fold=config.val_fold,
-        test_fold=config.test_fold, protocol=config.protocol, options=config.dataset_options,
-        folds=config.folds, seed=config.seed,
-    )
-    for name in ("train", "val", "test"):
-        if len(getattr(splits, name)) == 0:
-            raise UsageError(f"the {name} split is empty (val fold {config.val_fold}, test fold {config.test_fold}); check the folds")
+    splits = load_run_splits(config)
     seed_everything(config.seed)  # identical initial weights on every rank
     model = build_model(
         config.backbone, adapter, len(splits.classes), pretrained=config.pretrained, weights=config.weights,

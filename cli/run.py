@@ -111,8 +111,10 @@ def run_command(ctx: click.Context, config_file: str | None, resume: str | None,
     if launch_options.requested:
         if launched_by_torchrun():
             raise UsageError("this process was already started by torchrun; drop the launcher options (--nproc-per-node ...)")
+        from cdft_core.engine import load_run_splits
         from cdft_core.launch import launch
 
+        load_run_splits(config)  # a fold or split-file error costs a second here, not N failing workers
         launch(launch_options, _worker_args(ctx))
         return
     summary = _train(config, resume)

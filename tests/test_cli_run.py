@@ -37,6 +37,7 @@ def _assert_usage_error(code: int, err: str, *needles: str, exit_code: int = 2) 
         ({"data_root": "/nonexistent/data"}, (), ("--data-root", "does not exist")),
         ({"batch_size": "0"}, (), ("--batch-size must be at least 1",)),
         ({"val_fold": "3"}, (), ("validation and test folds must differ",)),
+        ({"val_fold": "7"}, ("--nproc-per-node", "2"), ("--val-fold 7 does not exist",)),  # before any worker
         ({"strategy": "frt"}, ("--adapter", "none"), ("trains the adapter", "--adapter cdtm")),
         ({}, ("--strategy-option", "speed=2"), ("does not take option", "speed")),
         ({}, ("--adapter-option", "depth=2"), ("adapter 'none' has no option depth",)),
