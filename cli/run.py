@@ -21,8 +21,39 @@ from cdft_core.config import FIELD_NAMES, RunConfig
 #: config fields given as repeatable ``--<name>-option KEY=VALUE`` options
 _DICT_OPTIONS = {"dataset_options": "--dataset-option", "adapter_options": "--adapter-option",
                  "strategy_options": "--strategy-option"}
+#: what a value looks like, where TEXT would say too little
+_METAVARS = {"data_root": "DIR|URL", "split_file": "CSV", "weights": "FILE", "output": "DIR|URL", "runs_dir": "DIR",
+             "dataset": "NAME", "backbone": "NAME", "adapter": "NAME", "strategy": "NAME", "protocol": "NAME",
+             "optimizer": "NAME", "device": "NAME", "precision": "NAME"}
 #: the launcher options (handed to torchrun, not to the workers)
 LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_backend")
+
+
+#: ``--help`` sections: (title, the first parameter of the section), in option order
+_HELP_SECTIONS = (("Run", "config_file"), ("Data", "dataset"), ("Model", "backbone"), ("Strategy", "strategy"),
+                  ("Optimisation (defaults: the paper's recipe)", "optimizer"), ("Hardware", "device"),
+                  ("Output", "output"), ("Distributed launch (torchrun)", "nproc_per_node"))
+
+
+class _SectionedCommand(click.Command):
+    """``cdft run --help`` with its fifty options grouped under headings."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        starts = {first: title for title, first in _HELP_SECTIONS}
+        help_option = self.get_help_option(ctx)
+        if help_option is not None:
+            starts[str(help_option.name)] = "Other"
+        sections: list[tuple[str, list[tuple[str, str]]]] = []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.name in starts or not sections:
+                sections.append((starts.get(str(param.name), "Options"), []))
+            sections[-1][1].append(record)
+        for title, records in sections:
+            with formatter.section(title):
+                formatter.write_dl(records)
 
 
 def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -43,7 +74,8 @@ def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
             func = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)(func)
         else:
             click_type = int if kind.startswith("int") else float if kind.startswith("float") else str
-            func = click.option(flag, f.name, type=click_type, default=None, help=help_text)(func)
+            func = click.option(flag, f.name, type=click_type, default=None, metavar=_METAVARS.get(f.name),
+                                help=help_text)(func)
     return func
 
 
@@ -64,7 +96,7 @@ def _launch_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-@click.command("run", context_settings={"max_content_width": 110})
+@click.command("run", cls=_SectionedCommand, context_settings={"max_content_width": 110})
 @click.option("--config", "config_file", default=None, metavar="FILE.yaml",
               help="Read options from a YAML preset (see configs/); command-line options override it.")
 @click.option("--resume", default=None, metavar="RUN_DIR",

@@ -93,6 +93,9 @@ def test_help_lists_every_config_key():
         assert flag in out, flag
     for flag in ("--config", "--resume", "--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--no-pretrained"):
         assert flag in out
+    headings = [line for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert [h.split(" ")[0] for h in headings[1:]] == ["Run:", "Data:", "Model:", "Strategy:", "Optimisation",
+                                                       "Hardware:", "Output:", "Distributed", "Other:"], headings
 
 
 def test_log_lines_without_a_terminal(tmp_path_factory, monkeypatch):
