@@ -37,11 +37,6 @@ class TensorBoardLog:
         if self.writer is not None:
             self.writer.add_scalar(tag, float(value), step)
 
-    def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
-        """One scalar per entry, tagged ``<prefix>/<name>``."""
-        for name, value in values.items():
-            self.scalar(f"{prefix}/{name}", value, step)
-
     def confusion_matrix(self, tag: str, matrix: Sequence[Sequence[int]], classes: Sequence[str], step: int) -> None:
         if self.writer is not None:
             self.writer.add_image(tag, render_confusion_matrix(matrix, classes), step, dataformats="HWC")
@@ -70,10 +65,6 @@ class TensorBoardLog:
             file_writer.add_summary(summary, step)
         for tag, value in metric_dict.items():
             self.writer.add_scalar(tag, value, step)
-
-    def text(self, tag: str, text: str, step: int = 0) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, text, step)
 
     def flush(self) -> None:
         if self.writer is not None:
