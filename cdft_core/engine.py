@@ -447,6 +447,10 @@ def train_stage(run: Run, index: int) -> None:
         model.load_state_dict({k: v.to(run.dist.device) for k, v in state["model"].items()})
         if progress.step == 0 and progress.best_epoch == progress.epoch:
             save_best(run, index)  # the state was saved at a best epoch: make sure its files exist
+    epochs = stage.epochs or config.epochs
+    if progress.epoch >= epochs:  # resumed from the state saved after this stage's last epoch
+        progress.stages.append(_stage_result(run, index, epochs))
+        return
 
     labels = apply_stage(model, stage)
     groups = param_groups(model, labels, stage, config.lr, config.weight_decay)
@@ -464,7 +468,6 @@ def train_stage(run: Run, index: int) -> None:
         restore_rng(*state["rng"][run.dist.rank])
         progress.epoch_sums = dict(state["progress"]["epoch_sums"][run.dist.rank])
 
-    epochs = stage.epochs or config.epochs
     steps = _steps_per_epoch(run)
     warmup = round(config.warmup_epochs * steps)
     trainable = sum(p.numel() for g in groups for p in g["params"])
@@ -818,9 +821,14 @@ def main(config: RunConfig, resume: str | None = None, argv: list[str] | None = 
         summary = finish(run)
         barrier(run.dist)
         return summary
-    finally:
-        if run.dist.is_main:
+    except BaseException as exc:
+        if run.dist.is_main:  # keep the log and metrics of what happened
             with contextlib.suppress(Exception):  # never hide the real error behind a logging failure
                 _write_logs(run)
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(f"interrupted (Ctrl-C); continue from the last completed epoch with "
+                              f"`cdft run --resume {run.rundir.url}`", exit_code=130) from None
+        raise
+    finally:
         cleanup(run)
 

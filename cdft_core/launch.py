@@ -28,9 +28,11 @@ WORKER_MODULE = "cdft_cli"
 
 
 class Interrupted(CdftError):
-    """The run was stopped by SIGTERM/SIGINT (preemption) after saving a resumable state."""
+    """The run was stopped by SIGTERM (preemption, exit 143) or Ctrl-C (exit 130); it can be resumed."""
 
-    exit_code = 143
+    def __init__(self, message: str, exit_code: int = 143) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,20 @@ def test_relative_paths_are_saved_absolute(tmp_path_factory, tmp_path, monkeypat
     assert code == 0, err
 
 
+def test_ctrl_c_says_how_to_resume(tmp_path_factory, tmp_path, monkeypatch):
+    import cdft_core.engine
+
+    def interrupted(run, index):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cdft_core.engine, "train_stage", interrupted)
+    code, _, err = invoke(*_args(tmp_path_factory, tmp_path))
+    assert code == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("cdft: error: interrupted") and f"cdft run --resume {tmp_path / 'run'}" in last, err
+    assert (tmp_path / "run" / "train.log").is_file() and not (tmp_path / "run" / "summary.json").exists()
+
+
 def test_eval_errors(tmp_path):
     code, _, err = invoke("eval", str(tmp_path / "missing"))
     _assert_usage_error(code, err, "does not exist")
