@@ -261,7 +261,7 @@ def validate(config: RunConfig) -> None:
     for name, choices in (("device", DEVICES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
         value = getattr(config, name)
         if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
+            close = ["cuda"] if value == "gpu" else difflib.get_close_matches(str(value), choices, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UsageError(f"--{name} {value!r} is not one of {', '.join(choices)}; {hint}".rstrip("; ").rstrip())
     if config.pretrained is False and config.weights:

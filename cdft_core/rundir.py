@@ -137,7 +137,8 @@ def check_output(output: str | None, runs_dir: str) -> None:
             probe = parent
         if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
             option = "--output" if output else "--runs-dir"
-            raise UsageError(f"{option} {target!r} is not writable ({probe} does not allow writing); choose another directory")
+            why = "is a file" if os.path.isfile(probe) else "does not allow writing"
+            raise UsageError(f"{option} {target!r} is not writable ({probe} {why}); choose another directory")
 
 
 def create_run_dir(output: str | None, runs_dir: str, name: str) -> RunDir:

@@ -61,7 +61,7 @@ def test_output_not_writable_or_taken(tmp_path_factory, tmp_path):
     args = _args(tmp_path_factory, tmp_path)
     args[args.index("--output") + 1] = str(blocker / "run")
     code, _, err = invoke(*args)
-    _assert_usage_error(code, err, "not writable")
+    _assert_usage_error(code, err, "not writable", "a-file is a file")
 
     taken = staged_run(tmp_path_factory)
     args[args.index("--output") + 1] = str(taken)

@@ -66,7 +66,7 @@ def test_validate(tmp_path):
         ({"val_fold": 2, "test_fold": 2}, "must differ"),
         ({"batch_size": 0}, "--batch-size must be at least 1"),
         ({"dataset": None}, "--dataset"),
-        ({"device": "gpu"}, "--device 'gpu' is not one of"),
+        ({"device": "gpu"}, "--device 'gpu' is not one of .*did you mean 'cuda'"),
         ({"precision": "bf61"}, "did you mean 'bf16'"),
         ({"data_root": str(tmp_path / "missing")}, "--data-root .* does not exist"),
         ({"split_file": str(tmp_path / "none.csv")}, "--split-file .* does not exist"),
