@@ -302,7 +302,8 @@ class Registry:
         if close:
             message += "; did you mean " + ", ".join(repr(c) for c in close) + "?"
         else:
-            message += f"; see `cdft list {PLURALS[kind]}`"
+            more = " --all" if self.resolvers[kind] else ""
+            message += f"; see `cdft list {PLURALS[kind]}{more}`"
         unavailable = [p for p in self.plugins if p.status == "unavailable"]
         for info in unavailable:
             message += f" (plugin {info.name!r} is unavailable: {info.error})"

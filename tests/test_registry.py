@@ -132,8 +132,17 @@ def test_unknown_name_suggests_close_matches():
     reg = registry_of(("alpha", plugin(register_datasets=datasets("breakhis", "hcrf"))))
     with pytest.raises(UsageError, match=r"unknown dataset 'breakhs'; did you mean 'breakhis'\?"):
         reg.get("dataset", "breakhs")
-    with pytest.raises(UsageError, match="cdft list datasets"):
+    with pytest.raises(UsageError, match="see `cdft list datasets`$"):
         reg.get("dataset", "zzzzzz")
+
+
+def test_unknown_name_of_an_open_ended_kind_points_at_the_catalogue():
+    def register_backbones(register):
+        register.resolver(lambda name: None, catalogue=lambda: ["net.a"])
+
+    reg = registry_of(("nets", plugin(register_backbones=register_backbones)))
+    with pytest.raises(UsageError, match="see `cdft list backbones --all`"):
+        reg.get("backbone", "zzzzzzzz")
 
 
 def test_invalid_registrations_are_plugin_errors():
