@@ -268,26 +268,23 @@ def option_key(name: str) -> str:
     return str(name).lstrip("-").replace("-", "_")
 
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def resolve_options(component: Component, options: Mapping[str, Any] | None) -> dict[str, str]:
     """Check user options against the dataset's declared ones and fill in the defaults."""
     declared = declared_options(component)
-    valid = ", ".join(_flag(k) for k in declared) or "none"
+    # named without a flag spelling: `cdft prepare --task X` and `cdft run --dataset-option task=X` both land here
+    valid = ", ".join(declared) or "none"
     out: dict[str, str] = {}
     for raw_key, raw_value in (options or {}).items():
         key = option_key(raw_key)
         if key not in declared:
-            raise UsageError(f"dataset {component.name!r} has no option {_flag(key)}; its options: {valid}")
+            raise UsageError(f"dataset {component.name!r} has no option {key!r}; its options: {valid}")
         value = str(raw_value)
         choices = declared[key].get("choices")
         if choices:
             match = next((c for c in choices if c.lower() == value.lower()), None)
             if match is None:
                 raise UsageError(
-                    f"invalid value {value!r} for {_flag(key)} of dataset {component.name!r}; choose from: {', '.join(choices)}"
+                    f"invalid value {value!r} for option {key!r} of dataset {component.name!r}; choose from: {', '.join(choices)}"
                 )
             value = match
         out[key] = value

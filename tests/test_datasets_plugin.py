@@ -54,7 +54,7 @@ def test_docs_plugin_prepares_and_splits(tiles_root):
 
     splits = load_splits("tiles", tiles_root, split_file=None, val_fold=0, test_fold=2, registry=registry)
     assert splits.classes == ["stroma", "tumour"] and set(splits.train["fold"]) == {1}
-    with pytest.raises(UsageError, match="invalid value 'pas' for --stain of dataset 'tiles'; choose from: HE, IHC"):
+    with pytest.raises(UsageError, match="invalid value 'pas' for option 'stain' of dataset 'tiles'; choose from: HE, IHC"):
         prepare("tiles", tiles_root, options={"stain": "pas"}, registry=registry)
 
 
