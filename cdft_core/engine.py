@@ -377,6 +377,8 @@ def _open_run_dir(config: RunConfig, resume: str | None, dist_info: DistInfo, lo
         state = broadcast_object(state, dist_info)
         if dist_info.is_main and rundir.exists("train.log"):
             log.previous = rundir.read_text("train.log")
+        if dist_info.is_main:  # the same run, perhaps with its data found elsewhere now (cli.run.RESUME_OVERRIDES)
+            rundir.write_text("config.yaml", dump_yaml(config))
         if state is None:
             progress, lines = Progress(), []
             log(f"resuming {rundir.url}: no saved state yet, starting from the beginning")

@@ -96,6 +96,11 @@ def _launch_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+#: What a resumed run may change: where the same data now live and how they are loaded;
+#: nothing that changes what is computed.
+RESUME_OVERRIDES: tuple[str, ...] = ("data_root", "split_file", "num_workers", "dist_timeout", "log_every")
+
+
 @click.command("run", cls=_SectionedCommand, context_settings={"max_content_width": 110})
 @click.option("--config", "config_file", default=None, metavar="FILE.yaml",
               help="Read options from a YAML preset (see configs/); command-line options override it.")
@@ -123,12 +128,17 @@ def run_command(ctx: click.Context, config_file: str | None, resume: str | None,
     launch_options = LaunchOptions(**{name: params.pop(name) for name in LAUNCH_PARAMS})
     overrides = _overrides(params)
     if resume:
-        if config_file or overrides:
+        changes = {k: v for k, v in overrides.items() if k not in RESUME_OVERRIDES}
+        if config_file or changes:
             given = ["--config"] if config_file else []
-            given += ["--" + k.replace("_", "-") for k in overrides]
-            raise UsageError(f"--resume continues a run with its saved configuration; drop {', '.join(given)}")
+            given += ["--" + k.replace("_", "-") for k in changes]
+            raise UsageError(
+                f"--resume continues a run with its saved configuration; drop {', '.join(given)} "
+                f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} may change)"
+            )
         rundir = open_existing(resume)
         config = merge(RunConfig(), load_yaml(rundir.join("config.yaml")), source=rundir.join("config.yaml"))
+        config = merge(config, overrides, source="command line")  # where the same data now live, and how to load it
     else:
         preset = load_yaml(config_file) if config_file else {}
         config = merge(RunConfig(), preset, source=config_file or "config")

@@ -6,11 +6,13 @@ summary.json."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
 
 import pytest
+import yaml
 from helpers_engine import (
     REPO,
     cdft_command,
@@ -57,10 +59,14 @@ def test_kill_9_mid_epoch_then_resume_matches_uninterrupted(tmp_path_factory, tm
     assert not (run_dir / "summary.json").exists()  # an incomplete run has no summary
     assert (run_dir / "stage1-frt" / "best.safetensors").is_file()
 
-    code, out, err = invoke("run", "--resume", str(run_dir))
+    # the data moved meanwhile: a resume may say where they live now (nothing else may change)
+    moved = tmp_path / "moved" / "BreaKHis_v1"
+    shutil.copytree(root, moved)
+    code, out, err = invoke("run", "--resume", str(run_dir), "--data-root", str(moved))
     assert code == 0, err
     assert "resuming" in err and "after stage 1, epoch 2" in err
     _assert_same_results(run_dir, reference)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data_root"] == str(moved)
 
 
 def test_sigterm_saves_mid_epoch_state_and_resume_matches(tmp_path_factory, tmp_path):
