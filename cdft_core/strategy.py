@@ -20,7 +20,7 @@ one it calls :func:`apply_stage` on the *unwrapped* model, then builds a fresh o
 toggled on a live DDP model, which would hang or silently skip gradients.
 
 Label functions see parameter *names* (the flat state-dict spelling of the model's tree,
-see :mod:`cdft_core.pytree`), so they work on any backbone whose module layout they know.
+see :mod:`cdft_core.functional.pytree`), so they work on any backbone whose module layout they know.
 This module imports no torch: strategy plugins import it while ``cdft list`` runs.
 """
 
@@ -33,12 +33,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from cdft_core.errors import UsageError
-from cdft_core.pytree import FROZEN, check_labels
+from cdft_core.functional.pytree import FROZEN, check_labels
 
 if TYPE_CHECKING:
     import torch
 
-    from cdft_core.model import CdftModel
+    from cdft_core.models.model import CdftModel
 
 #: The label of every trainable parameter in the built-in strategies.
 TRAINABLE = "trainable"

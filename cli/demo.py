@@ -28,11 +28,11 @@ DEMO_DATA = {"patients_per_type": 5, "images_per_magnification": 2}
 def demo_command(output: str, epochs: int, image_size: int, num_workers: int, max_steps_per_epoch: int | None) -> None:
     """Synthetic data + staged fine-tune of a tiny ViT with the CDTM adapter, end to end on CPU."""
     from cdft_cli.run import print_results
-    from cdft_core import engine
     from cdft_core.config import RunConfig, validate
-    from cdft_core.datasets import prepare, write_split_file
-    from cdft_core.rundir import RunDir
-    from cdft_core.synthetic import make_synthetic_breakhis
+    from cdft_core.data.datasets import prepare, write_split_file
+    from cdft_core.data.synthetic import make_synthetic_breakhis
+    from cdft_core.training import engine
+    from cdft_core.training.rundir import RunDir
 
     workdir = RunDir(output)
     data_root = workdir.join("data", "BreaKHis_v1")

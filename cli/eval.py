@@ -46,13 +46,13 @@ def eval_command(target: str, split: str, split_file: str | None, data_root: str
 
     import torch
 
-    from cdft_core.checkpoint import read_model
-    from cdft_core.datasets import load_splits
-    from cdft_core.distributed import DistInfo
-    from cdft_core.engine import evaluate
-    from cdft_core.images import ImageDataset
-    from cdft_core.model import model_from_spec
-    from cdft_core.transforms import eval_transform
+    from cdft_core.data.datasets import load_splits
+    from cdft_core.data.images import ImageDataset
+    from cdft_core.data.transforms import eval_transform
+    from cdft_core.models.model import model_from_spec
+    from cdft_core.training.checkpoint import read_model
+    from cdft_core.training.distributed import DistInfo
+    from cdft_core.training.engine import evaluate
 
     tensors, meta = read_model(checkpoint)
     if "cdft_config" not in meta:
@@ -95,7 +95,7 @@ def find_checkpoint(target: str) -> str:
     import json
 
     from cdft_core.errors import UsageError
-    from cdft_core.rundir import RunDir
+    from cdft_core.training.rundir import RunDir
 
     rundir = RunDir(target)
     if not rundir.exists():
@@ -112,7 +112,7 @@ def find_checkpoint(target: str) -> str:
 
 
 def print_evaluation(checkpoint: str, split: str, meta: dict[str, Any], result: dict[str, Any], classes: list[str]) -> None:
-    from cdft_core.metrics import format_confusion, format_table
+    from cdft_core.training.metrics import format_confusion, format_table
 
     where = f" (stage {meta['cdft_stage']}, epoch {meta['cdft_epoch']})" if "cdft_stage" in meta else ""
     click.echo(f"checkpoint: {checkpoint}{where}")

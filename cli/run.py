@@ -3,7 +3,7 @@
 Every field of :class:`cdft_core.config.RunConfig` is an option here (``val_fold`` <->
 ``--val-fold``), so the command line, ``--config FILE.yaml`` presets and the
 ``config.yaml`` a run saves use the same names. Launcher options (``--nproc-per-node``,
-``--nnodes``...) hand the job to torchrun's launcher (:mod:`cdft_core.launch`); its
+``--nnodes``...) hand the job to torchrun's launcher (:mod:`cdft_core.training.launch`); its
 workers run this same command and train in-process as ranks.
 """
 
@@ -120,10 +120,10 @@ def run_command(ctx: click.Context, config_file: str | None, resume: str | None,
       cdft run --resume runs/breakhis-vit_base_patch16_clip_224.laion2b-staged-v0t1-s1-20250101-120000
     """
     from cdft_core.config import load_yaml, merge, validate
-    from cdft_core.distributed import launched_by_torchrun
     from cdft_core.errors import UsageError
-    from cdft_core.launch import LaunchOptions
-    from cdft_core.rundir import check_output, open_existing
+    from cdft_core.training.distributed import launched_by_torchrun
+    from cdft_core.training.launch import LaunchOptions
+    from cdft_core.training.rundir import check_output, open_existing
 
     launch_options = LaunchOptions(**{name: params.pop(name) for name in LAUNCH_PARAMS})
     overrides = _overrides(params)
@@ -147,14 +147,14 @@ def run_command(ctx: click.Context, config_file: str | None, resume: str | None,
     if not resume and not launched_by_torchrun():
         check_output(config.output, config.runs_dir)
 
-    from cdft_core.engine import preflight
+    from cdft_core.training.engine import preflight
 
     preflight(config)
     if launch_options.requested:
         if launched_by_torchrun():
             raise UsageError("this process was already started by torchrun; drop the launcher options (--nproc-per-node ...)")
-        from cdft_core.engine import load_run_splits
-        from cdft_core.launch import launch
+        from cdft_core.training.engine import load_run_splits
+        from cdft_core.training.launch import launch
 
         load_run_splits(config)  # a fold or split-file error costs a second here, not N failing workers
         launch(launch_options, _worker_args(ctx))
@@ -203,8 +203,8 @@ def _worker_args(ctx: click.Context) -> list[str]:
 
 def _train(config: RunConfig, resume: str | None) -> dict[str, Any] | None:
     """Run the engine here; under torchrun, record errors where the launcher reports them."""
-    from cdft_core import engine
-    from cdft_core.distributed import launched_by_torchrun
+    from cdft_core.training import engine
+    from cdft_core.training.distributed import launched_by_torchrun
 
     if launched_by_torchrun():
         from torch.distributed.elastic.multiprocessing.errors import record
@@ -215,7 +215,7 @@ def _train(config: RunConfig, resume: str | None) -> dict[str, Any] | None:
 
 def print_results(summary: Mapping[str, Any]) -> None:
     """The result table (validation and test at the best epoch of each stage) and where to look next."""
-    from cdft_core.metrics import format_confusion, format_table
+    from cdft_core.training.metrics import format_confusion, format_table
 
     columns: dict[str, dict[str, Any]] = {}
     stages = summary.get("stages", [])

@@ -29,7 +29,7 @@ def make_synthetic_command(kind: str, directory: str, seed: int, as_json: bool) 
     Example:
       cdft make-synthetic breakhis /tmp/demo --seed 0
     """
-    from cdft_core.synthetic import make_synthetic_breakhis, make_synthetic_hcrf
+    from cdft_core.data.synthetic import make_synthetic_breakhis, make_synthetic_hcrf
 
     make = {"breakhis": make_synthetic_breakhis, "hcrf": make_synthetic_hcrf}[kind]
     root = make(directory, seed=seed)

@@ -24,7 +24,7 @@ CDTM_OPTIONS: dict[str, Any] = {
 
 
 def build_none(*, dim: int, num_tokens: int, pooled_dim: int | None = None, **options: Any) -> Any:
-    from cdft_core.model import PooledAdapter
+    from cdft_core.models.model import PooledAdapter
 
     if options:
         raise UsageError(f"adapter 'none' takes no options, got {', '.join(sorted(options))}")
@@ -32,7 +32,7 @@ def build_none(*, dim: int, num_tokens: int, pooled_dim: int | None = None, **op
 
 
 def build_cdtm(*, dim: int, num_tokens: int, pooled_dim: int | None = None, **options: Any) -> Any:
-    from cdft_core.cdtm import Cdtm
+    from cdft_core.models.cdtm import Cdtm
 
     unknown = sorted(set(options) - set(CDTM_OPTIONS))
     if unknown:

@@ -37,20 +37,20 @@ PAPER_ROWS: dict[str, tuple[str, str, str]] = {
 
 def build(name: str, **options: Any) -> Any:
     """The backbone factory: ``build(name, pretrained=..., weights=..., image_size=..., grad_checkpointing=...)``."""
-    from cdft_core.backbone import build_timm_backbone
+    from cdft_core.models.backbone import build_timm_backbone
 
     return build_timm_backbone(name, **options)
 
 
 def data_config(name: str) -> dict[str, Any]:
-    from cdft_core.backbone import timm_data_config
+    from cdft_core.models.backbone import timm_data_config
 
     return timm_data_config(name)
 
 
 def claim(name: str) -> dict[str, Any] | None:
     """Any timm model name; a bare architecture resolves to its default pretrained tag."""
-    from cdft_core.backbone import canonical_timm_name, timm_family
+    from cdft_core.models.backbone import canonical_timm_name, timm_family
 
     canonical = canonical_timm_name(name)
     if canonical is None:

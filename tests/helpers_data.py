@@ -34,7 +34,7 @@ def _base(factory: pytest.TempPathFactory) -> Path:
 def breakhis_root(factory: pytest.TempPathFactory) -> str:
     """The default synthetic BreakHis tree (8 types x 3 patients x 4 mags x 4 images + traps)."""
     if "breakhis" not in _CACHE:
-        from cdft_core.synthetic import make_synthetic_breakhis
+        from cdft_core.data.synthetic import make_synthetic_breakhis
 
         _CACHE["breakhis"] = make_synthetic_breakhis(str(_base(factory) / "full"), seed=0)
     return _CACHE["breakhis"]
@@ -43,7 +43,7 @@ def breakhis_root(factory: pytest.TempPathFactory) -> str:
 def small_breakhis_root(factory: pytest.TempPathFactory) -> str:
     """A smaller tree (2 patients per type, 1 image per magnification) for the fsspec tests."""
     if "small" not in _CACHE:
-        from cdft_core.synthetic import make_synthetic_breakhis
+        from cdft_core.data.synthetic import make_synthetic_breakhis
 
         _CACHE["small"] = make_synthetic_breakhis(
             str(_base(factory) / "small"), seed=3, patients_per_type=2, images_per_magnification=1
@@ -53,7 +53,7 @@ def small_breakhis_root(factory: pytest.TempPathFactory) -> str:
 
 def hcrf_root(factory: pytest.TempPathFactory) -> str:
     if "hcrf" not in _CACHE:
-        from cdft_core.synthetic import make_synthetic_hcrf
+        from cdft_core.data.synthetic import make_synthetic_hcrf
 
         _CACHE["hcrf"] = make_synthetic_hcrf(str(_base(factory) / "hcrf"), seed=0)
     return _CACHE["hcrf"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cdft_core.model import CdftModel, build_model
+from cdft_core.models.model import CdftModel, build_model
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 3

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cdft_core.cdtm import Cdtm
 from cdft_core.errors import CdftError
+from cdft_core.models.cdtm import Cdtm
 
 
 def naive_cdtm(params: dict[str, torch.Tensor], x: torch.Tensor, blocks: int) -> torch.Tensor:

@@ -99,7 +99,7 @@ def test_help_lists_every_config_key():
 
 
 def test_log_lines_without_a_terminal(tmp_path_factory, monkeypatch):
-    from cdft_core.engine import _progress_bar
+    from cdft_core.training.engine import _progress_bar
 
     _, err = staged_output(tmp_path_factory)
     assert "stage 2 epoch 2 step 3/3: loss" in err and "img/s" in err
@@ -147,12 +147,12 @@ def test_relative_paths_are_saved_absolute(tmp_path_factory, tmp_path, monkeypat
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path_factory, tmp_path, monkeypatch):
-    import cdft_core.engine
+    import cdft_core.training.engine
 
     def interrupted(run, index):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cdft_core.engine, "train_stage", interrupted)
+    monkeypatch.setattr(cdft_core.training.engine, "train_stage", interrupted)
     code, _, err = invoke(*_args(tmp_path_factory, tmp_path))
     assert code == 130, err
     last = err.strip().splitlines()[-1]

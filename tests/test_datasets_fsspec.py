@@ -6,9 +6,9 @@ import pytest
 import torch
 from helpers_data import DATA_CONFIG, copy_to_memory, small_breakhis_root, zip_tree
 
-from cdft_core.datasets import load_splits, prepare, write_split_file
-from cdft_core.images import DataRoot, ImageDataset
-from cdft_core.transforms import eval_transform
+from cdft_core.data.datasets import load_splits, prepare, write_split_file
+from cdft_core.data.images import DataRoot, ImageDataset
+from cdft_core.data.transforms import eval_transform
 
 
 @pytest.fixture(scope="module")

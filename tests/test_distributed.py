@@ -26,7 +26,7 @@ from helpers_engine import (
     subprocess_env,
 )
 
-from cdft_core.distributed import DistInfo, gather_predictions
+from cdft_core.training.distributed import DistInfo, gather_predictions
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

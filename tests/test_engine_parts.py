@@ -13,7 +13,8 @@ import pytest
 import torch
 from helpers_engine import engine_data, invoke, quick_args
 
-from cdft_core.checkpoint import (
+from cdft_core.errors import UsageError
+from cdft_core.training.checkpoint import (
     capture_rng,
     flatten_optimizer,
     latest_resume,
@@ -24,10 +25,9 @@ from cdft_core.checkpoint import (
     save_resume,
     unflatten_optimizer,
 )
-from cdft_core.engine import derive_seed, lr_factor
-from cdft_core.errors import UsageError
-from cdft_core.launch import LaunchOptions, describe_failures, torchrun_argv
-from cdft_core.rundir import RunDir, auto_name, check_output, create_run_dir
+from cdft_core.training.engine import derive_seed, lr_factor
+from cdft_core.training.launch import LaunchOptions, describe_failures, torchrun_argv
+from cdft_core.training.rundir import RunDir, auto_name, check_output, create_run_dir
 
 
 def test_schedule_warmup_then_cosine():

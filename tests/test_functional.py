@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from helpers_strategy import tiny_batch, tiny_model
 
-from cdft_core import functional, pytree
+from cdft_core.functional import apply as functional
+from cdft_core.functional import pytree
 
 
 def test_apply_with_the_models_own_tree_equals_calling_it():

@@ -6,9 +6,9 @@ import pytest
 import torch
 from helpers_strategy import tiny_model
 
-from cdft_core import pytree
 from cdft_core.errors import CdftError, UsageError
-from cdft_core.jax_interop import from_jax, to_jax
+from cdft_core.functional import pytree
+from cdft_core.functional.jax_interop import from_jax, to_jax
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cdft_core.metrics import compute_metrics, confusion_csv, format_confusion, format_table, paper_f1, scalars
+from cdft_core.training.metrics import compute_metrics, confusion_csv, format_confusion, format_table, paper_f1, scalars
 
 
 def _probs(predicted, k):

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from cdft_core import hookimpl
-from cdft_core.cdtm import Cdtm
 from cdft_core.errors import CdftError, UsageError
-from cdft_core.model import CdftModel, PooledAdapter, build_model, model_from_spec
+from cdft_core.models.cdtm import Cdtm
+from cdft_core.models.model import CdftModel, PooledAdapter, build_model, model_from_spec
 from cdft_core.registry import get_registry, load_registry
 
 

@@ -17,7 +17,7 @@ SEED_SPELLING = "convnext_base laion400m_s13b_b51k"
 @pytest.fixture(scope="module")
 def model():
     pytest.importorskip("open_clip")
-    from cdft_core.model import build_model
+    from cdft_core.models.model import build_model
     from cdft_core.registry import reset_registry
 
     reset_registry()

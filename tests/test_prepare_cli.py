@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from helpers_data import breakhis_root, run_cli
 
-from cdft_core.synthetic import CROSS_TYPE_PATIENT
+from cdft_core.data.synthetic import CROSS_TYPE_PATIENT
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers_strategy import tiny_model
 
-from cdft_core import pytree
 from cdft_core.errors import UsageError
+from cdft_core.functional import pytree
 
 
 def _tree():

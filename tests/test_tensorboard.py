@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers_engine import metric_lines, read_json, staged_run
 
-from cdft_core.tensorboard_log import flatten_hparams, render_confusion_matrix
+from cdft_core.training.tensorboard_log import flatten_hparams, render_confusion_matrix
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers_strategy import tiny_model
 
-from cdft_core import vmap_heads
+from cdft_core.functional import vmap_heads
 
 DIM, CLASSES, STEPS_PER_EPOCH, EPOCHS, BATCH = 16, 3, 3, 2, 8
 

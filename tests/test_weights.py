@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from cdft_core.errors import CdftError, UsageError
+from cdft_core.models.weights import hf_cache_dir, read_state_dict
 from cdft_core.registry import get_registry
-from cdft_core.weights import hf_cache_dir, read_state_dict
 
 VIT = "test_vit.r160_in1k"
 
@@ -180,7 +180,7 @@ def test_pickled_objects_are_refused(tmp_path):
 
 
 def test_offline_with_nothing_cached_fails_fast_with_one_clear_line(offline_empty_cache):
-    from cdft_core.model import build_model
+    from cdft_core.models.model import build_model
 
     start = time.monotonic()
     with pytest.raises(CdftError) as info:
@@ -230,7 +230,7 @@ def test_download_prefers_safetensors_and_falls_back_to_the_bin_file(offline_emp
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
-    import cdft_core.weights as weights
+    import cdft_core.models.weights as weights
 
     state = reference_state()
     downloaded = tmp_path / "pytorch_model.bin"
@@ -257,7 +257,7 @@ def test_a_failing_download_is_one_clear_line(offline_empty_cache, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    import cdft_core.weights as weights
+    import cdft_core.models.weights as weights
 
     def fake_download(repo_id, filename, **kwargs):
         raise LocalEntryNotFoundError("connection reset\nwhile fetching")

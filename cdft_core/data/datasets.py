@@ -40,13 +40,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from cdft_core.data.folds import (
+    PROTOCOLS,
+    FoldProtocol,
+    split_table,
+    stratified_folds,
+    stratified_group_folds,
+    summarise,
+)
 from cdft_core.errors import CdftError, UsageError
-from cdft_core.splits import PROTOCOLS, FoldProtocol, split_table, stratified_folds, stratified_group_folds, summarise
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from cdft_core.images import DataRoot
+    from cdft_core.data.images import DataRoot
     from cdft_core.registry import Component, Registry
 
 #: Columns of the paper's split CSV, in order; cdft writes them first and reads them as is.
@@ -114,7 +121,7 @@ class Dataset(Protocol):
     """What a dataset factory returns. cdft calls these, in this order:
 
     ``scan(root)``
-        List the images under a :class:`~cdft_core.images.DataRoot` and return a
+        List the images under a :class:`~cdft_core.data.images.DataRoot` and return a
         ``pandas.DataFrame`` with ``image_path`` (relative to the root, ``/``-separated),
         ``label`` (int, index into the classes) and any extra columns worth keeping
         (e.g. ``patient``). Rows of other classes or options (a magnification filter) are
@@ -136,7 +143,7 @@ class Dataset(Protocol):
     bad values fail before anything is built.
 
     Attributes: ``name``; ``default_protocol`` (used when the user names none);
-    ``protocols`` (name -> :class:`~cdft_core.splits.FoldProtocol`); ``default_folds``;
+    ``protocols`` (name -> :class:`~cdft_core.data.folds.FoldProtocol`); ``default_folds``;
     ``group_column``: the column naming where an image comes from (a patient), or
     ``None`` when images are independent.
     """
@@ -166,9 +173,9 @@ class BaseDataset:
     column, else :meth:`classes_from_data`.
 
     Folds: stratified by label, grouped by ``group_column`` when the table has it
-    (:func:`~cdft_core.splits.stratified_group_folds`), else the paper's image-level
-    ``StratifiedKFold`` (:func:`~cdft_core.splits.stratified_folds`). Splits: the named
-    :class:`~cdft_core.splits.FoldProtocol` of ``protocols``.
+    (:func:`~cdft_core.data.folds.stratified_group_folds`), else the paper's image-level
+    ``StratifiedKFold`` (:func:`~cdft_core.data.folds.stratified_folds`). Splits: the named
+    :class:`~cdft_core.data.folds.FoldProtocol` of ``protocols``.
     """
 
     name: str = "dataset"
@@ -433,7 +440,7 @@ def check_table(
 
 
 def _decode_sample(table: pd.DataFrame, root: DataRoot, count: int | None, at: Callable[[int], str]) -> None:
-    from cdft_core.images import decode_image
+    from cdft_core.data.images import decode_image
 
     total = len(table)
     if count is None or count >= total:
@@ -544,11 +551,11 @@ def prepare_with_summary(
     decode_check: int | None = DECODE_CHECK,
     duplicates: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """:func:`prepare`, plus the report ``cdft prepare`` prints (see :func:`~cdft_core.splits.summarise`).
+    """:func:`prepare`, plus the report ``cdft prepare`` prints (see :func:`~cdft_core.data.folds.summarise`).
 
     ``duplicates``: look for byte-identical images (reads only files of equal size).
     """
-    from cdft_core.images import DataRoot, find_duplicates
+    from cdft_core.data.images import DataRoot, find_duplicates
 
     ds, resolved = build_dataset(dataset, options, registry)
     data_root = DataRoot.open(root)
@@ -617,7 +624,7 @@ def load_splits(
     dataset options then only choose the classes (e.g. ``task``), not the rows. Without
     it the root is scanned and split in memory exactly as :func:`prepare` would.
     """
-    from cdft_core.images import DataRoot
+    from cdft_core.data.images import DataRoot
 
     ds, resolved = build_dataset(dataset, options, registry)
     chosen = _protocol(ds, protocol)

@@ -4,7 +4,7 @@ Parameter names are part of the checkpoint format and stay stable:
 
 - ``backbone.model.<timm name>``: the timm model (for open_clip rows, the visual trunk);
 - ``adapter.<name>``: the adapter's own parameters (``none`` has none; CDTM's are listed in
-  :mod:`cdft_core.cdtm`);
+  :mod:`cdft_core.models.cdtm`);
 - ``head.weight``, ``head.bias``: ``Linear(adapter.out_dim → num_classes)``.
 
 ``model.spec`` is a JSON-safe description from which :func:`model_from_spec` rebuilds the

@@ -12,7 +12,7 @@ features (B×C). :class:`TimmBackbone` gives both from **one** ``forward_feature
   forward pass, so 196 and 49 are never constants: other sizes and variants just work.
 
 The timm model is held as ``self.model``, so every backbone parameter is named
-``backbone.model.<timm name>`` inside a :class:`~cdft_core.model.CdftModel`.
+``backbone.model.<timm name>`` inside a :class:`~cdft_core.models.model.CdftModel`.
 
 A backbone factory (what a plugin registers) has the signature::
 
@@ -36,7 +36,7 @@ from timm.models import get_pretrained_cfg, is_model_in_modules, is_model_pretra
 from torch import Tensor, nn
 
 from cdft_core.errors import CdftError, UsageError
-from cdft_core.weights import (
+from cdft_core.models.weights import (
     LoadReport,
     hub_offline,
     load_state_dict_checked,

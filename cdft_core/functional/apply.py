@@ -12,8 +12,8 @@ Only ``trainable`` is differentiated; ``frozen`` leaves are plain detached tenso
 cost no gradient work and no gradient memory — the same meaning "frozen" has for the
 strategies (:mod:`cdft_core.strategy`), where frozen parameters are excluded from autograd,
 never merely given zero updates. The gradients equal those of ``loss.backward()`` on the
-module (tested), which is what lets the vectorised heads (:mod:`cdft_core.vmap_heads`)
-and the JAX interop (:mod:`cdft_core.jax_interop`) stand on the same weights as the engine.
+module (tested), which is what lets the vectorised heads (:mod:`cdft_core.functional.vmap_heads`)
+and the JAX interop (:mod:`cdft_core.functional.jax_interop`) stand on the same weights as the engine.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from cdft_core import pytree
-from cdft_core.pytree import FROZEN, Tree
+from cdft_core.functional import pytree
+from cdft_core.functional.pytree import FROZEN, Tree
 
 #: ``loss_fn(trainable, frozen, batch) -> scalar`` — the function that is differentiated.
 LossFn = Callable[[Tree, Tree, Any], torch.Tensor]

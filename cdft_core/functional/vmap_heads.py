@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
-from cdft_core import pytree
-from cdft_core.pytree import Tree, stack, unstack
+from cdft_core.functional import pytree
+from cdft_core.functional.pytree import Tree, stack, unstack
 
 __all__ = [
     "FunctionalOptimizer",

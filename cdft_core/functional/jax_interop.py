@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from cdft_core import pytree
 from cdft_core.errors import CdftError, UsageError
-from cdft_core.pytree import Tree
+from cdft_core.functional import pytree
+from cdft_core.functional.pytree import Tree
 
 if TYPE_CHECKING:
     import torch

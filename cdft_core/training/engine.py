@@ -26,7 +26,7 @@ Every feature and the config key (``cdft run --help`` option) that controls it:
   writes files. Collectives time out after ``dist_timeout`` seconds.
 - **Precision** (``precision``): bf16 autocast by default on CUDA, fp16 with a grad scaler
   on request, fp32 on CPU. ``device`` picks cpu or cuda.
-- **Output** (``output`` or ``runs_dir``): see :mod:`cdft_core.rundir` for the layout;
+- **Output** (``output`` or ``runs_dir``): see :mod:`cdft_core.training.rundir` for the layout;
   TensorBoard (``tensorboard``) gets per-step loss and learning rate every ``log_every``
   steps, per-epoch metrics, the confusion matrix at each best epoch, a grid of augmented
   inputs and the hparams summary. ``summary.json`` is written last, by complete runs only.
@@ -59,8 +59,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cdft_core import metrics as metrics_lib
-from cdft_core.checkpoint import (
+from cdft_core.config import RunConfig, absolute_paths, dump_yaml, resolve_device, resolve_precision
+from cdft_core.errors import CdftError, UsageError
+from cdft_core.training import metrics as metrics_lib
+from cdft_core.training.checkpoint import (
     RESUME_DIR,
     capture_rng,
     latest_resume,
@@ -70,8 +72,7 @@ from cdft_core.checkpoint import (
     save_model,
     save_resume,
 )
-from cdft_core.config import RunConfig, absolute_paths, dump_yaml, resolve_device, resolve_precision
-from cdft_core.distributed import (
+from cdft_core.training.distributed import (
     DistInfo,
     all_gather_objects,
     any_rank,
@@ -82,10 +83,9 @@ from cdft_core.distributed import (
     mean_over_ranks,
     teardown,
 )
-from cdft_core.errors import CdftError, UsageError
-from cdft_core.launch import Interrupted
-from cdft_core.rundir import RunDir, auto_name, create_run_dir, environment_info, open_existing
-from cdft_core.tensorboard_log import TensorBoardLog
+from cdft_core.training.launch import Interrupted
+from cdft_core.training.rundir import RunDir, auto_name, create_run_dir, environment_info, open_existing
+from cdft_core.training.tensorboard_log import TensorBoardLog
 
 FAULT_ENV = "CDFT_TEST_FAULT"
 
@@ -97,7 +97,7 @@ def preflight(config: RunConfig) -> tuple[Any, str]:
     Cheap (no data, no model): the CLI calls it before launching processes so that a typo
     costs a second, not a cluster allocation.
     """
-    from cdft_core.datasets import build_dataset
+    from cdft_core.data.datasets import build_dataset
     from cdft_core.registry import get_registry
     from cdft_core.strategy import build_strategy, check_adapter
 
@@ -113,7 +113,7 @@ def preflight(config: RunConfig) -> tuple[Any, str]:
 
 def load_run_splits(config: RunConfig) -> Any:
     """The run's train/val/test tables (folds checked, none empty); reads the split file or scans the root."""
-    from cdft_core.datasets import load_splits
+    from cdft_core.data.datasets import load_splits
 
     splits = load_splits(
         config.dataset, config.data_root, split_file=config.split_file, val_fold=config.val_fold,
@@ -317,10 +317,10 @@ class Run:
 # -- setup ------------------------------------------------------------------------------
 def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None = None) -> Run:
     """Join the process group, load data and model, create (or reopen) the run directory."""
-    from cdft_core.images import ImageDataset
-    from cdft_core.model import build_model
+    from cdft_core.data.images import ImageDataset
+    from cdft_core.data.transforms import eval_transform, train_transform
+    from cdft_core.models.model import build_model
     from cdft_core.strategy import check_compatible
-    from cdft_core.transforms import eval_transform, train_transform
 
     config = absolute_paths(config)  # the saved config must work from any directory (resume, eval)
     strategy, adapter = preflight(config)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from cdft_core.errors import CdftError, UsageError
-from cdft_core.rundir import RunDir
+from cdft_core.training.rundir import RunDir
 
 RESUME_DIR = "resume"
 
