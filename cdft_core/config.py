@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cdft_core.errors import UsageError
+from cdft_core.text import parse_bool
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -125,11 +126,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return {str(k): str(v) for k, v in value.items()}
         return {str(k): v for k, v in value.items()}
     if kind.startswith("bool"):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise UsageError(f"{source}: {name} must be true or false, got {value!r}")
+        if not isinstance(value, (bool, str)) or (isinstance(value, str) and not value.strip()):
+            raise UsageError(f"{source}: {name} must be true or false, got {value!r}")
+        return parse_bool(value, what=f"{source}: {name}")
     if kind.startswith("int"):
         if isinstance(value, bool) or not _is_int(value):
             raise UsageError(f"{source}: {name} must be an integer, got {value!r}")
@@ -177,6 +176,41 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise UsageError(f"config file {path!r} must be a mapping of configuration keys")
     return dict(data)
+
+
+#: What a resumed run may change: where the same data now live and how they are loaded;
+#: nothing that changes what is computed.
+RESUME_OVERRIDES: tuple[str, ...] = ("data_root", "split_file", "num_workers", "dist_timeout", "log_every")
+
+
+def resolve_config(overrides: Mapping[str, Any], *, preset: str | None = None, resume: str | None = None) -> RunConfig:
+    """The configuration a run uses, validated.
+
+    A new run: defaults < the ``preset`` YAML (``--config FILE``) < ``overrides`` (the
+    command line). A resumed run: its saved ``config.yaml`` < those ``overrides`` that
+    :data:`RESUME_OVERRIDES` allows; a preset or any other override is a usage error.
+    """
+    if resume:
+        from cdft_core.training.rundir import open_existing
+
+        changes = [k for k in overrides if k not in RESUME_OVERRIDES]
+        if preset or changes:
+            given = (["--config"] if preset else []) + [_flag(k) for k in changes]
+            raise UsageError(
+                f"--resume continues a run with its saved configuration; drop {', '.join(given)} "
+                f"(only {', '.join(_flag(k) for k in RESUME_OVERRIDES)} may change)"
+            )
+        saved = open_existing(resume).join("config.yaml")
+        config = merge(RunConfig(), load_yaml(saved), source=saved)
+    else:
+        config = merge(RunConfig(), load_yaml(preset) if preset else {}, source=preset or "config")
+    config = merge(config, overrides, source="command line")
+    validate(config)
+    return config
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def dump_yaml(config: RunConfig) -> str:

@@ -29,3 +29,11 @@ class PluginUnavailable(Exception):
     Such a plugin is reported as *unavailable* with this message (which should say how
     to install what is missing), not as broken.
     """
+
+
+class Interrupted(CdftError):
+    """The run was stopped by SIGTERM (preemption, exit 143) or Ctrl-C (exit 130); it can be resumed."""
+
+    def __init__(self, message: str, exit_code: int = 143) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

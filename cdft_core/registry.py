@@ -27,6 +27,7 @@ import pluggy
 
 from cdft_core import hookspecs
 from cdft_core.errors import PluginError, PluginUnavailable, UsageError
+from cdft_core.text import env_flag, one_line
 
 KINDS: tuple[str, ...] = ("dataset", "backbone", "adapter", "strategy")
 PLURALS: dict[str, str] = {"dataset": "datasets", "backbone": "backbones", "adapter": "adapters", "strategy": "strategies"}
@@ -183,7 +184,7 @@ class Registrar:
             name=name,
             kind=self.kind,
             factory=factory,
-            description=_one_line(description),
+            description=one_line(description),
             provider=self.provider,
             metadata=Metadata(metadata),
         )
@@ -197,7 +198,7 @@ class Registrar:
         description: str = "",
     ) -> None:
         """Claim an open-ended family of names (tried after exact matches, in load order)."""
-        self.resolvers.append(Resolver(self.kind, self.provider, claim, catalogue, _one_line(description)))
+        self.resolvers.append(Resolver(self.kind, self.provider, claim, catalogue, one_line(description)))
 
 
 class Registry:
@@ -253,7 +254,7 @@ class Registry:
                     name=claimed.get("name", name),
                     kind=kind,
                     factory=claimed["factory"],
-                    description=_one_line(claimed.get("description", resolver.description)),
+                    description=one_line(claimed.get("description", resolver.description)),
                     provider=resolver.provider,
                     metadata=Metadata(claimed.get("metadata", {})),
                 )
@@ -340,7 +341,7 @@ def load_registry(
     ``extra_plugins`` are ``(name, module_or_object)`` pairs registered in-process (tests).
     """
     if strict is None:
-        strict = os.environ.get("CDFT_STRICT_PLUGINS", "") not in ("", "0", "false")
+        strict = env_flag("CDFT_STRICT_PLUGINS")
     disabled = _env_list("CDFT_DISABLE_PLUGINS")
     only = _env_list("CDFT_PLUGINS")
     registry = Registry()
@@ -402,10 +403,10 @@ def _load_one(pm: pluggy.PluginManager, registry: Registry, info: PluginInfo, lo
                 impl.function(**kwargs)
                 registry.commit(registrar)
     except PluginUnavailable as exc:
-        info.status, info.error = "unavailable", _one_line(str(exc))
+        info.status, info.error = "unavailable", one_line(str(exc))
     except Exception as exc:
         info.status = "broken"
-        info.error = _one_line(f"{type(exc).__name__}: {exc}" if not isinstance(exc, PluginError) else str(exc))
+        info.error = one_line(f"{type(exc).__name__}: {exc}" if not isinstance(exc, PluginError) else str(exc))
         if strict:
             raise
 
@@ -430,9 +431,6 @@ def _env_list(var: str) -> set[str] | None:
         return None
     return {part.strip() for part in raw.split(",") if part.strip()}
 
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _natural_key(name: str) -> list[Any]:

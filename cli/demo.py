@@ -29,8 +29,9 @@ def demo_command(output: str, epochs: int, image_size: int, num_workers: int, ma
     """Synthetic data + staged fine-tune of a tiny ViT with the CDTM adapter, end to end on CPU."""
     from cdft_cli.run import print_results
     from cdft_core.config import RunConfig, validate
-    from cdft_core.data.datasets import prepare, write_split_file
+    from cdft_core.data.splits import prepare
     from cdft_core.data.synthetic import make_synthetic_breakhis
+    from cdft_core.data.tables import write_split_file
     from cdft_core.training import engine
     from cdft_core.training.rundir import RunDir
 

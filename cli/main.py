@@ -59,7 +59,13 @@ def cli(debug: bool) -> None:
 
 
 def debugging() -> bool:
-    return os.environ.get("CDFT_DEBUG", "") not in ("", "0", "false") or "--debug" in sys.argv[1:2]
+    from cdft_core.errors import UsageError
+    from cdft_core.text import env_flag
+
+    try:
+        return env_flag("CDFT_DEBUG") or "--debug" in sys.argv[1:2]
+    except UsageError:  # an unreadable value asks for more detail, not less
+        return True
 
 
 def error(message: str) -> None:

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from cdft_core.text import text_table
+
 
 def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
@@ -18,15 +20,8 @@ def warn(message: str) -> None:
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], max_width: int = 80) -> str:
-    """A plain aligned text table; the last column is cut to ``max_width`` characters."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
-    for row in cells:
-        if len(row[-1]) > max_width:
-            row[-1] = row[-1][: max_width - 1] + "…"
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """A listing table; the last column (descriptions) is cut to ``max_width`` characters."""
+    return text_table(rows, headers, max_width=max_width)
 
 
 def report_plugin_problems(registry: Any) -> None:

@@ -40,7 +40,7 @@ def parse_dataset_options(args: Sequence[str]) -> dict[str, str]:
 
 def check_option_names(name: str, options: Mapping[str, str]) -> None:
     """Unknown dataset options: one line naming the dataset's options and this command's."""
-    from cdft_core.data.datasets import declared_options
+    from cdft_core.data.options import declared_options
     from cdft_core.registry import get_registry
 
     declared = declared_options(get_registry().get("dataset", name))
@@ -128,8 +128,9 @@ def prepare_command(
       cdft prepare hcrf /data/HCRF --folds 4 -o hcrf.csv
       cdft prepare csv /data/tiles --table labels.csv -o tiles_split.csv
     """
-    from cdft_core.data.datasets import prepare_with_summary, write_split_file
-    from cdft_core.data.folds import warnings_of
+    from cdft_core.data.report import warnings_of
+    from cdft_core.data.splits import prepare_with_summary
+    from cdft_core.data.tables import write_split_file
     from cdft_core.registry import get_registry
 
     options = parse_dataset_options(ctx.args)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from cdft_core.config import FIELD_NAMES, RunConfig
+
+if TYPE_CHECKING:
+    from cdft_core.training.launch import WorkerCommand
 
 #: config fields given as repeatable ``--<name>-option KEY=VALUE`` options
 _DICT_OPTIONS = {"dataset_options": "--dataset-option", "adapter_options": "--adapter-option",
@@ -96,11 +99,6 @@ def _launch_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-#: What a resumed run may change: where the same data now live and how they are loaded;
-#: nothing that changes what is computed.
-RESUME_OVERRIDES: tuple[str, ...] = ("data_root", "split_file", "num_workers", "dist_timeout", "log_every")
-
-
 @click.command("run", cls=_SectionedCommand, context_settings={"max_content_width": 110})
 @click.option("--config", "config_file", default=None, metavar="FILE.yaml",
               help="Read options from a YAML preset (see configs/); command-line options override it.")
@@ -119,45 +117,26 @@ def run_command(ctx: click.Context, config_file: str | None, resume: str | None,
       cdft run --config configs/hcrf-vit-staged.yaml --data-root data/HCRF --nproc-per-node 2
       cdft run --resume runs/breakhis-vit_base_patch16_clip_224.laion2b-staged-v0t1-s1-20250101-120000
     """
-    from cdft_core.config import load_yaml, merge, validate
+    from cdft_core.config import resolve_config
     from cdft_core.errors import UsageError
     from cdft_core.training.distributed import launched_by_torchrun
     from cdft_core.training.launch import LaunchOptions
-    from cdft_core.training.rundir import check_output, open_existing
+    from cdft_core.training.preflight import preflight
+    from cdft_core.training.rundir import check_output
 
     launch_options = LaunchOptions(**{name: params.pop(name) for name in LAUNCH_PARAMS})
-    overrides = _overrides(params)
-    if resume:
-        changes = {k: v for k, v in overrides.items() if k not in RESUME_OVERRIDES}
-        if config_file or changes:
-            given = ["--config"] if config_file else []
-            given += ["--" + k.replace("_", "-") for k in changes]
-            raise UsageError(
-                f"--resume continues a run with its saved configuration; drop {', '.join(given)} "
-                f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} may change)"
-            )
-        rundir = open_existing(resume)
-        config = merge(RunConfig(), load_yaml(rundir.join("config.yaml")), source=rundir.join("config.yaml"))
-        config = merge(config, overrides, source="command line")  # where the same data now live, and how to load it
-    else:
-        preset = load_yaml(config_file) if config_file else {}
-        config = merge(RunConfig(), preset, source=config_file or "config")
-        config = merge(config, overrides, source="command line")
-    validate(config)
+    config = resolve_config(_overrides(params), preset=config_file, resume=resume)
     if not resume and not launched_by_torchrun():
         check_output(config.output, config.runs_dir)
-
-    from cdft_core.training.engine import preflight
-
     preflight(config)
     if launch_options.requested:
         if launched_by_torchrun():
             raise UsageError("this process was already started by torchrun; drop the launcher options (--nproc-per-node ...)")
-        from cdft_core.training.engine import load_run_splits
         from cdft_core.training.launch import launch
+        from cdft_core.training.preflight import load_run_splits
 
         load_run_splits(config)  # a fold or split-file error costs a second here, not N failing workers
-        launch(launch_options, _worker_args(ctx))
+        launch(launch_options, worker_command(ctx))
         return
     summary = _train(config, resume)
     if summary is not None:
@@ -178,9 +157,12 @@ def _overrides(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _worker_args(ctx: click.Context) -> list[str]:
-    """This command line without the launcher options, rebuilt from the parsed parameters."""
+def worker_command(ctx: click.Context) -> WorkerCommand:
+    """What each torchrun worker runs: ``python -m cdft_cli`` with this command line minus
+    the launcher options, rebuilt from the parsed parameters (the one place it is built)."""
     from click.core import ParameterSource
+
+    from cdft_core.training.launch import WorkerCommand
 
     args = ["run"]
     for param in ctx.command.params:
@@ -198,7 +180,7 @@ def _worker_args(ctx: click.Context) -> list[str]:
                 args += [param.opts[0], str(item)]
         else:
             args += [param.opts[0], str(value)]
-    return args
+    return WorkerCommand("cdft_cli", tuple(args))
 
 
 def _train(config: RunConfig, resume: str | None) -> dict[str, Any] | None:

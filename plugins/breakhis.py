@@ -18,13 +18,13 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from cdft_core import hookimpl
-from cdft_core.data.datasets import BaseDataset, DatasetOption, dataset_metadata
 from cdft_core.data.folds import stratified_folds, stratified_group_folds
+from cdft_core.data.protocol import BaseDataset, DatasetOption, dataset_metadata
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from cdft_core.data.images import DataRoot
+    from cdft_core.data.root import DataRoot
 
 BENIGN = ("A", "F", "PT", "TA")
 MALIGNANT = ("DC", "LC", "MC", "PC")

@@ -20,12 +20,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cdft_core import hookimpl
-from cdft_core.data.datasets import BaseDataset, DatasetOption, dataset_metadata, split_names
+from cdft_core.data.protocol import BaseDataset, DatasetOption, dataset_metadata, split_names
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from cdft_core.data.images import DataRoot
+    from cdft_core.data.root import DataRoot
 
 OPTIONS = (
     DatasetOption(
@@ -50,7 +50,7 @@ class CsvDataset(BaseDataset):
         self.classes = tuple(split_names(classes) or ())
 
     def scan(self, root: DataRoot) -> pd.DataFrame:
-        from cdft_core.data.datasets import read_split_file
+        from cdft_core.data.tables import read_split_file
         from cdft_core.errors import UsageError
 
         what = f"--table {self.table!r}"

@@ -22,12 +22,12 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from cdft_core import hookimpl
-from cdft_core.data.datasets import BaseDataset, DatasetOption, dataset_metadata
+from cdft_core.data.protocol import BaseDataset, DatasetOption, dataset_metadata
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from cdft_core.data.images import DataRoot
+    from cdft_core.data.root import DataRoot
 
 CLASSES = ("normal", "abnormal")
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")

@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cdft_core import hookimpl
-from cdft_core.data.datasets import BaseDataset, DatasetOption, class_names_from_table, dataset_metadata, split_names
+from cdft_core.data.protocol import BaseDataset, DatasetOption, class_names_from_table, dataset_metadata, split_names
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from cdft_core.data.images import DataRoot
+    from cdft_core.data.root import DataRoot
 
 OPTIONS = (DatasetOption("classes", "class folders to use, in label order, comma-separated (default: all, sorted)"),)
 
@@ -43,7 +43,7 @@ class ImageFolder(BaseDataset):
     def scan(self, root: DataRoot) -> pd.DataFrame:
         import pandas as pd
 
-        from cdft_core.data.images import IMAGE_EXTENSIONS
+        from cdft_core.data.root import IMAGE_EXTENSIONS
         from cdft_core.errors import CdftError, UsageError
 
         by_folder: dict[str, list[str]] = {}

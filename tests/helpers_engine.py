@@ -32,8 +32,9 @@ LEARNED = 0.6
 def engine_data(factory: pytest.TempPathFactory) -> tuple[str, str]:
     """(data root, split file) of the small synthetic BreakHis tree, built once per process."""
     if "data" not in _CACHE:
-        from cdft_core.data.datasets import prepare, write_split_file
+        from cdft_core.data.splits import prepare
         from cdft_core.data.synthetic import make_synthetic_breakhis
+        from cdft_core.data.tables import write_split_file
 
         base = factory.mktemp("engine-data")
         root = make_synthetic_breakhis(str(base), seed=0, images_per_magnification=3)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 
 import pytest
 from helpers_engine import engine_data, invoke, quick_args, read_json, staged_output, staged_run
@@ -99,19 +98,17 @@ def test_help_lists_every_config_key():
 
 
 def test_log_lines_without_a_terminal(tmp_path_factory, monkeypatch):
-    from cdft_core.training.engine import _progress_bar
+    from cdft_core.training.log import progress_bar
 
     _, err = staged_output(tmp_path_factory)
     assert "stage 2 epoch 2 step 3/3: loss" in err and "img/s" in err
-    run = types.SimpleNamespace(dist=types.SimpleNamespace(is_main=True))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
-    assert _progress_bar(run, 3, 0, "x") is None
+    assert progress_bar(True, 3, 0, "x") is None
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    bar = _progress_bar(run, 3, 0, "x")
+    bar = progress_bar(True, 3, 0, "x")
     assert bar is not None and bar.total == 3
     bar.close()
-    run.dist.is_main = False
-    assert _progress_bar(run, 3, 0, "x") is None  # only rank 0 shows progress
+    assert progress_bar(False, 3, 0, "x") is None  # only rank 0 shows progress
 
 
 def test_eval_matches_the_run(tmp_path_factory):

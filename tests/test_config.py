@@ -87,7 +87,7 @@ def test_presets_cover_the_paper_grid():
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_preset_starts_with_its_command_and_resolves(preset):
-    from cdft_core.training.engine import preflight
+    from cdft_core.training.preflight import preflight
 
     first = preset.read_text().splitlines()[0]
     assert first.startswith(f"# cdft run --config configs/{preset.name} --data-root ")

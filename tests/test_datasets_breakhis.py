@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers_data import breakhis_root
 
-from cdft_core.data.datasets import load_splits, prepare, prepare_with_summary
+from cdft_core.data.splits import load_splits, prepare, prepare_with_summary
 from cdft_core.data.synthetic import CROSS_TYPE_PATIENT, LETTERED_PATIENT
 from cdft_plugins.breakhis import FILE_NAME
 

@@ -6,8 +6,10 @@ import pytest
 import torch
 from helpers_data import DATA_CONFIG, copy_to_memory, small_breakhis_root, zip_tree
 
-from cdft_core.data.datasets import load_splits, prepare, write_split_file
-from cdft_core.data.images import DataRoot, ImageDataset
+from cdft_core.data.images import ImageDataset
+from cdft_core.data.root import DataRoot
+from cdft_core.data.splits import load_splits, prepare
+from cdft_core.data.tables import write_split_file
 from cdft_core.data.transforms import eval_transform
 
 

@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 from helpers_data import hcrf_root
 
-from cdft_core.data.datasets import Dataset, build_dataset, load_splits, prepare
+from cdft_core.data.options import build_dataset
+from cdft_core.data.protocol import Dataset
+from cdft_core.data.splits import load_splits, prepare
 from cdft_core.errors import UsageError
 
 
@@ -114,7 +116,7 @@ def test_a_root_made_of_symbolic_links_is_read_through_them(hcrf, tmp_path):
 
 
 def test_summary_and_warnings_on_a_hand_made_table():
-    from cdft_core.data.folds import summarise, warnings_of
+    from cdft_core.data.report import summarise, warnings_of
 
     table = pd.DataFrame(
         {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers_data import hcrf_root
 
-from cdft_core.data.datasets import load_splits, prepare
+from cdft_core.data.splits import load_splits, prepare
 from cdft_core.errors import CdftError, UsageError
 from cdft_plugins.hcrf import is_mask
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers_data import hcrf_root
 
-from cdft_core.data.datasets import load_splits, prepare, prepare_with_summary
+from cdft_core.data.splits import load_splits, prepare, prepare_with_summary
 from cdft_core.errors import UsageError
 from cdft_core.registry import load_registry
 
@@ -62,7 +62,7 @@ def test_plugin_modules_import_without_heavy_packages():
     code = (
         "import sys\n"
         "import cdft_plugins.breakhis, cdft_plugins.hcrf, cdft_plugins.csv_dataset, cdft_plugins.imagefolder\n"
-        "import cdft_cli.prepare, cdft_cli.synthetic, cdft_core.data.datasets, cdft_core.data.folds, cdft_core.data.synthetic\n"
+        "import cdft_cli.prepare, cdft_cli.synthetic, cdft_core.data.protocol, cdft_core.data.options, cdft_core.data.tables, cdft_core.data.splits, cdft_core.data.folds, cdft_core.data.report, cdft_core.data.root, cdft_core.data.synthetic\n"
         "heavy = sorted({'torch', 'torchvision', 'pandas', 'sklearn', 'numpy', 'PIL'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"
     )

@@ -83,7 +83,7 @@ def test_decode_image_gives_rgb_uint8_from_grey_and_rgba():
 
 def test_synthetic_classes_are_learnable_at_32px(tmp_path_factory):
     """Nearest class mean of augmented 32 px images, on patients never seen: near perfect."""
-    from cdft_core.data.datasets import load_splits
+    from cdft_core.data.splits import load_splits
 
     splits = load_splits("breakhis", breakhis_root(tmp_path_factory), split_file=None, val_fold=0, test_fold=1)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from helpers_data import breakhis_root, run_cli
 
-from cdft_core.data.datasets import load_splits, prepare
+from cdft_core.data.splits import load_splits, prepare
 from cdft_core.errors import CdftError, UsageError
 
 

@@ -25,9 +25,9 @@ from cdft_core.training.checkpoint import (
     save_resume,
     unflatten_optimizer,
 )
-from cdft_core.training.engine import derive_seed, lr_factor
-from cdft_core.training.launch import LaunchOptions, describe_failures, torchrun_argv
+from cdft_core.training.launch import LaunchOptions, WorkerCommand, describe_failures, torchrun_argv
 from cdft_core.training.rundir import RunDir, auto_name, check_output, create_run_dir
+from cdft_core.training.schedule import derive_seed, lr_factor
 
 
 def test_schedule_warmup_then_cosine():
@@ -119,18 +119,18 @@ def test_run_and_eval_on_an_fsspec_url(tmp_path_factory):
 
 
 def test_torchrun_command_lines():
-    standalone = torchrun_argv(LaunchOptions(nproc_per_node="2"), ["run", "--x"])
+    standalone = torchrun_argv(LaunchOptions(nproc_per_node="2"), WorkerCommand("cdft_cli", ("run", "--x")))
     assert "--standalone" in standalone and standalone[-4:] == ["--module", "cdft_cli", "run", "--x"]
-    multi = torchrun_argv(LaunchOptions(nproc_per_node="1", nnodes="2", rdzv_endpoint="127.0.0.1:29400"), ["run"])
+    multi = torchrun_argv(LaunchOptions(nproc_per_node="1", nnodes="2", rdzv_endpoint="127.0.0.1:29400"), WorkerCommand("cdft_cli", ("run",)))
     assert multi[multi.index("--rdzv-backend") + 1] == "c10d" and "--standalone" not in multi
-    static = torchrun_argv(LaunchOptions(nnodes="2", node_rank=1, rdzv_endpoint="h:1", rdzv_backend="static"), ["run"])
+    static = torchrun_argv(LaunchOptions(nnodes="2", node_rank=1, rdzv_endpoint="h:1", rdzv_backend="static"), WorkerCommand("cdft_cli", ("run",)))
     assert static[static.index("--node-rank") + 1] == "1" and static[static.index("--master-port") + 1] == "1"
     from torch.distributed.run import get_args_parser
 
     parsed = get_args_parser().parse_args(multi)  # torchrun's own parser accepts what we build
     assert parsed.nnodes == "2" and parsed.module and parsed.training_script == "cdft_cli"
     with pytest.raises(UsageError, match="--node-rank 2 must be below"):
-        torchrun_argv(LaunchOptions(nnodes="2", node_rank=2, rdzv_endpoint="h:1"), ["run"])
+        torchrun_argv(LaunchOptions(nnodes="2", node_rank=2, rdzv_endpoint="h:1"), WorkerCommand("cdft_cli", ("run",)))
     assert not LaunchOptions().requested and LaunchOptions(nnodes="1").requested
 
 

@@ -44,6 +44,7 @@ from cdft_core.models.weights import (
     resolve_hub_file,
     strip_prefix,
 )
+from cdft_core.text import one_line
 
 #: timm module name -> cdft family
 FAMILIES: dict[str, str] = {"vision_transformer": "vit", "deit": "vit", "convnext": "convnext"}
@@ -148,7 +149,7 @@ class TimmBackbone(nn.Module):
             except Exception as exc:
                 raise UsageError(
                     f"backbone {self.name!r} (built for {self.image_size} px) cannot take {size} px images "
-                    f"({_one_line(exc)}); build it with image_size={size}"
+                    f"({one_line(exc)}); build it with image_size={size}"
                 ) from exc
             self._num_tokens[size] = int(self._to_tokens(feats).shape[1])
         return self._num_tokens[size]
@@ -248,7 +249,7 @@ def build_timm_backbone(
     try:
         model = timm.create_model(canonical, pretrained=False, **kwargs)
     except TypeError as exc:
-        raise UsageError(f"timm model {canonical!r} cannot be built with {kwargs}: {_one_line(exc)}") from exc
+        raise UsageError(f"timm model {canonical!r} cannot be built with {kwargs}: {one_line(exc)}") from exc
     if cfg is not None:
         data_config = timm_data_config(canonical, size, note=note)
     else:
@@ -310,7 +311,7 @@ def _download_url(name: str, url: str) -> str:
         torch.hub.download_url_to_file(url, cache, progress=False)
     except Exception as exc:
         raise CdftError(
-            f"cannot download weights for backbone {name!r} from {url} ({_one_line(exc)}); "
+            f"cannot download weights for backbone {name!r} from {url} ({one_line(exc)}); "
             f"pass --weights PATH or use --no-pretrained"
         ) from exc
     return cache
@@ -338,13 +339,10 @@ def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *,
             sd = converter(dict(sd), model)
         except Exception as exc:
             raise CdftError(
-                f"weights {source} do not fit backbone {name!r} ({type(exc).__name__}: {_one_line(exc)}); "
+                f"weights {source} do not fit backbone {name!r} ({type(exc).__name__}: {one_line(exc)}); "
                 f"the file is for another architecture — pick the matching backbone name"
             ) from exc
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
     heads = tuple(c + "." for c in ([classifier] if isinstance(classifier, str) else classifier))
     return load_state_dict_checked(model, sd, model=name, source=source, ignore=lambda key: key.startswith(heads))
 
-
-def _one_line(exc: object) -> str:
-    return " ".join(str(exc).split())[:300]

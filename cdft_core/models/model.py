@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from cdft_core.errors import CdftError, UsageError
 from cdft_core.registry import get_registry, jsonable
+from cdft_core.text import parse_bool
 
 #: Version of the ``spec`` layout; :func:`model_from_spec` refuses newer ones.
 SPEC_FORMAT = 1
@@ -237,10 +238,7 @@ def _coerce(value: Any, default: Any, what: str) -> Any:
     text = value.strip()
     try:
         if isinstance(default, bool):
-            lowered = text.lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(text)
-            return lowered in ("1", "true", "yes", "on")
+            return parse_bool(text, what=what)
         if isinstance(default, int):
             return int(text)
         if isinstance(default, float):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from cdft_core.errors import CdftError, UsageError
+from cdft_core.text import TRUE_WORDS, one_line
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -42,7 +43,8 @@ _CONTAINER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 
 
 def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+    """Hugging Face's own switches: anything but a true word is off (their rule, not ours)."""
+    return (value or "").strip().lower() in TRUE_WORDS
 
 
 def hub_offline() -> bool:
@@ -131,13 +133,13 @@ def resolve_hub_file(model: str, repo: str, filenames: Iterable[str]) -> str:
         try:
             return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
         except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: the network failed
-            raise CdftError(missing_weights_message(model, repo_id, f"download failed: {_one_line(exc)}")) from exc
+            raise CdftError(missing_weights_message(model, repo_id, f"download failed: {one_line(exc)}")) from exc
         except EntryNotFoundError as exc:  # the repo lacks this file: try the next spelling
             last_error = exc
         except (HfHubHTTPError, OSError) as exc:
-            raise CdftError(missing_weights_message(model, repo_id, f"download failed: {_one_line(exc)}")) from exc
+            raise CdftError(missing_weights_message(model, repo_id, f"download failed: {one_line(exc)}")) from exc
     raise CdftError(
-        f"hub repo {repo_id} has none of {', '.join(names)} for backbone {model!r}: {_one_line(last_error)}; "
+        f"hub repo {repo_id} has none of {', '.join(names)} for backbone {model!r}: {one_line(last_error)}; "
         f"pass --weights PATH or use --no-pretrained"
     )
 
@@ -162,7 +164,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             data = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # the type matters: torch reports a bad first byte as a bare KeyError(101)
         raise CdftError(
-            f"cannot read weights file {str(p)!r} ({type(exc).__name__}: {_one_line(exc)}); "
+            f"cannot read weights file {str(p)!r} ({type(exc).__name__}: {one_line(exc)}); "
             f"expected safetensors or a torch state dict"
         ) from exc
     for _ in range(2):  # e.g. {"model": {"state_dict": ...}} is rare but harmless to accept
@@ -255,6 +257,3 @@ def _few(items: list[str], n: int = 3) -> str:
     head = ", ".join(items[:n])
     return head + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
-
-def _one_line(exc: object) -> str:
-    return " ".join(str(exc).split())[:300]

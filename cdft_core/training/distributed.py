@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,3 +163,38 @@ def gather_predictions(
             f"this is a bug in the evaluation sampler"
         )
     return indices, labels, outputs
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, probe: torch.Tensor, precision: str,
+             log: Callable[[str], None]) -> torch.nn.Module:
+    """A fresh DDP wrapper for a stage (it sees only the parameters that train now); the model itself when not distributed.
+
+    ``probe``: a batch of 2 images for :func:`unused_parameters`.
+    """
+    if not info.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    unused = unused_parameters(model, probe.to(info.device), precision)
+    if unused:
+        log(f"{len(unused)} trainable parameters get no gradient (e.g. {unused[0]}); DDP will look for unused parameters")
+    device_ids = [info.local_rank] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=bool(unused))
+
+
+def unused_parameters(model: torch.nn.Module, images: torch.Tensor, precision: str) -> list[str]:
+    """Trainable parameters that one forward/backward pass leaves without a gradient.
+
+    The probe runs in eval mode, so it updates no normalisation statistics.
+    """
+    from cdft_core.training.evaluation import autocast
+
+    was_training = model.training
+    model.eval()
+    with autocast(precision, images.device):
+        model(images).float().sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for p in model.parameters():
+        p.grad = None
+    model.train(was_training)
+    return unused

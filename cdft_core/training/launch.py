@@ -3,8 +3,8 @@
 ``cdft run --nproc-per-node N ...`` builds torchrun's command line with torchrun's own
 parser (``torch.distributed.run.get_args_parser``) and hands it to
 ``torch.distributed.run.run``: the elastic agent starts the workers, watches them, and
-stops the whole job when one fails. Each worker runs ``python -m cdft_cli run ...`` with
-the same run options and, finding torchrun's environment variables, trains in-process
+stops the whole job when one fails. Each worker runs the :class:`WorkerCommand` it is
+given (for ``cdft run``: ``python -m cdft_cli run ...`` with the same run options) and, finding torchrun's environment variables, trains in-process
 as one rank. No launcher of our own.
 
 - No ``--rdzv-endpoint`` (one node): a standalone c10d rendezvous on a free local port,
@@ -21,18 +21,16 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from cdft_core.errors import CdftError, UsageError
-
-#: the module the workers run (``python -m cdft_cli run ...``)
-WORKER_MODULE = "cdft_cli"
+from cdft_core.errors import CdftError, Interrupted, UsageError
 
 
-class Interrupted(CdftError):
-    """The run was stopped by SIGTERM (preemption, exit 143) or Ctrl-C (exit 130); it can be resumed."""
+@dataclass(frozen=True)
+class WorkerCommand:
+    """What each worker runs: ``python -m MODULE ARGS...`` (the caller builds it; the
+    launcher does not know the CLI's argument format)."""
 
-    def __init__(self, message: str, exit_code: int = 143) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    module: str
+    args: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ class LaunchOptions:
                                            self.rdzv_id, self.rdzv_backend))
 
 
-def torchrun_argv(options: LaunchOptions, worker_args: list[str]) -> list[str]:
+def torchrun_argv(options: LaunchOptions, worker: WorkerCommand) -> list[str]:
     """The torchrun command line for ``options``; raises UsageError for impossible ones."""
     nnodes = options.nnodes or "1"
     try:
@@ -87,16 +85,16 @@ def torchrun_argv(options: LaunchOptions, worker_args: list[str]) -> list[str]:
         if max_nodes > 1:
             raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
         argv += ["--standalone"]
-    return [*argv, "--module", WORKER_MODULE, *worker_args]
+    return [*argv, "--module", worker.module, *worker.args]
 
 
-def launch(options: LaunchOptions, worker_args: list[str]) -> None:
+def launch(options: LaunchOptions, worker: WorkerCommand) -> None:
     """Start the workers through torchrun and wait; failed workers become one CdftError."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(torchrun_argv(options, worker_args))
+    args = get_args_parser().parse_args(torchrun_argv(options, worker))
     if "OMP_NUM_THREADS" not in os.environ and str(args.nproc_per_node).isdigit():
         # share this machine's cores between the workers (torchrun would force 1 and warn)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(args.nproc_per_node)))

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from cdft_core.text import text_table
+
 #: the scalar metrics, in the order tables show them
 SCALARS: tuple[str, ...] = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_paper", "roc_auc")
 
@@ -99,21 +101,13 @@ def format_table(results: dict[str, dict[str, Any]], classes: Sequence[str] | No
     for name in names:
         for part in ("precision", "recall"):
             rows.append([f"{part}[{name}]"] + [_fmt(m.get("per_class", {}).get(name, {}).get(part)) for m in results.values()])
-    return _align([["metric", *titles], *rows])
+    return text_table(rows, ["metric", *titles], numeric=True)
 
 
 def format_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> str:
     """The confusion matrix as text (rows: true class, columns: predicted class)."""
     rows = [[name, *(str(v) for v in row)] for name, row in zip(classes, matrix, strict=True)]
-    return _align([["true \\ pred", *classes], *rows])
-
-
-def _align(rows: list[list[str]]) -> str:
-    """First column left-aligned, the others right-aligned, a rule under the header."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
+    return text_table(rows, ["true \\ pred", *classes], numeric=True)
 
 
 def confusion_csv(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> str:

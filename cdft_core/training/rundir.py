@@ -2,8 +2,8 @@
 
 A run directory is a local path or an fsspec URL (``s3://bucket/runs/x``, ``memory://x``);
 everything the engine writes goes through :class:`RunDir`, so both work the same. Small
-files are rewritten whole (atomically on local disks: write a temporary file, then
-rename), which is also what makes a run killed at any moment resumable.
+files are rewritten whole (atomically: a temporary file, then a rename; see
+:mod:`cdft_core.files`), which is also what makes a run killed at any moment resumable.
 
 Layout::
 
@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 import re
 import time
-import uuid
 from typing import Any
 
 from cdft_core.errors import CdftError, UsageError
+from cdft_core.files import atomic_write
 
 #: files whose presence means "this directory holds a run"
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl")
@@ -73,19 +73,7 @@ class RunDir:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write a whole file; on local disks atomically (readers never see half a file)."""
-        inner = self._inner(name)
-        parent = inner.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        if self.is_local:
-            tmp = f"{inner}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, inner)
-        else:
-            with self.fs.open(inner, "wb") as handle:
-                handle.write(data)
+        atomic_write(self.join(name), data, what="run file", make_parents=True)
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode("utf-8"))

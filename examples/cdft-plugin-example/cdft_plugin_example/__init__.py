@@ -9,7 +9,7 @@ does the rest (patient-grouped folds, validation, ``cdft prepare``, ``cdft run``
 from __future__ import annotations
 
 from cdft_core import hookimpl
-from cdft_core.data.datasets import BaseDataset, DatasetOption, dataset_metadata
+from cdft_core.data.protocol import BaseDataset, DatasetOption, dataset_metadata
 
 CLASSES = ("stroma", "tumour")
 OPTIONS = (

@@ -1,0 +1,222 @@
+"""What a dataset plugin implements: the :class:`Dataset` protocol, :class:`BaseDataset`,
+its options and its registration metadata.
+
+A dataset plugin registers a factory, ``factory(**options) -> Dataset``, together with
+metadata built by :func:`dataset_metadata` from the dataset class itself (what
+``cdft list datasets --json`` shows and what option values are checked against before
+the factory runs)::
+
+    from cdft_core import BaseDataset, DatasetOption, dataset_metadata, hookimpl
+
+    class Tiles(BaseDataset):
+        name = "tiles"
+        classes = ("stroma", "tumour")
+        group_column = "patient"
+
+        def scan(self, root): ...
+
+    @hookimpl
+    def register_datasets(register):
+        register("tiles", Tiles, description="...", metadata=dataset_metadata(Tiles, options=OPTIONS))
+
+pandas is imported inside the functions: plugin modules import this module at load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from cdft_core.data.folds import PROTOCOLS, FoldProtocol, split_table, stratified_folds, stratified_group_folds
+from cdft_core.errors import UsageError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cdft_core.data.root import DataRoot
+
+#: Columns of the paper's split CSV, in order; cdft writes them first and reads them as is.
+SPLIT_COLUMNS: tuple[str, ...] = ("image_path", "label", "fold")
+
+
+# -- what a dataset declares ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetOption:
+    """One dataset option (``cdft prepare NAME ROOT --NAME VALUE``): values are strings.
+
+    ``choices`` (if given) are matched case-insensitively and passed to the factory in
+    their declared spelling; ``default`` is what the factory receives when the user is
+    silent (``None``: the factory receives nothing for it).
+    """
+
+    name: str
+    help: str
+    default: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"choices": list(self.choices) if self.choices else None, "default": self.default, "help": self.help}
+
+
+def dataset_metadata(
+    *,
+    classes: Sequence[str] | Mapping[str, Sequence[str]] | str,
+    options: Sequence[DatasetOption] = (),
+    default_protocol: str = "standard",
+    default_folds: int = 5,
+    protocols: Mapping[str, FoldProtocol] = PROTOCOLS,
+    group_column: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The registration metadata of a dataset, in the shape cdft reads back.
+
+    ``classes``: the class names in label order, or ``{task: [...]}`` when an option picks
+    the task, or a sentence when the data decides (the generic ``csv`` dataset).
+    """
+    if default_protocol not in protocols:
+        raise ValueError(f"default_protocol {default_protocol!r} is not one of {sorted(protocols)}")
+    classes_json: Any = (
+        classes
+        if isinstance(classes, str)
+        else ({k: list(v) for k, v in classes.items()} if isinstance(classes, Mapping) else list(classes))
+    )
+    return {
+        "classes": classes_json,
+        "default_protocol": default_protocol,
+        "protocols": {name: p.description for name, p in protocols.items()},
+        "default_folds": int(default_folds),
+        "group_column": group_column,
+        "options": {o.name: o.to_json() for o in options},
+        **extra,
+    }
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """What a dataset factory returns. cdft calls these, in this order:
+
+    ``scan(root)``
+        List the images under a :class:`~cdft_core.data.images.DataRoot` and return a
+        ``pandas.DataFrame`` with ``image_path`` (relative to the root, ``/``-separated),
+        ``label`` (int, index into the classes) and any extra columns worth keeping
+        (e.g. ``patient``). Rows of other classes or options (a magnification filter) are
+        left out here. No images: raise :class:`CdftError` saying what was looked for.
+    ``class_names(table)``
+        The class names, index == label. Most datasets ignore ``table``; the generic
+        ``csv`` dataset reads the names from it. ``table`` is ``None`` for listings.
+    ``assign_folds(table, folds, seed)``
+        One fold number (``0..folds-1``) per row; rows arrive sorted by ``image_path``.
+        Rows sharing a value of ``group_column`` (a patient) should share a fold; the
+        report of ``cdft prepare`` lists every group found in several folds as leakage.
+    ``build_splits(table, val_fold=, test_fold=, protocol=)``
+        ``(train, val, test)`` tables cut from a table with a ``fold`` column, by the
+        named entry of ``protocols``.
+
+    The factory receives the dataset's options as strings, already checked against the
+    :class:`DatasetOption` list of its registration metadata (names, choices, defaults):
+    options are declared there, not on the object, so ``cdft list`` can show them and
+    bad values fail before anything is built.
+
+    Attributes: ``name``; ``default_protocol`` (used when the user names none);
+    ``protocols`` (name -> :class:`~cdft_core.data.folds.FoldProtocol`); ``default_folds``;
+    ``group_column``: the column naming where an image comes from (a patient), or
+    ``None`` when images are independent.
+    """
+
+    name: str
+    default_protocol: str
+    default_folds: int
+    group_column: str | None
+    protocols: Mapping[str, FoldProtocol]
+
+    def scan(self, root: DataRoot) -> pd.DataFrame: ...
+
+    def class_names(self, table: pd.DataFrame | None = None) -> list[str]: ...
+
+    def assign_folds(self, table: pd.DataFrame, folds: int, seed: int) -> list[int]: ...
+
+    def build_splits(
+        self, table: pd.DataFrame, *, val_fold: int, test_fold: int, protocol: str
+    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]: ...
+
+
+class BaseDataset:
+    """The usual :class:`Dataset` behaviour; subclasses set ``classes`` and write ``scan``.
+
+    Classes: ``classes`` when set. A dataset whose data names its classes (the generic
+    ones) leaves ``classes`` empty; its names then come from the table's ``class_name``
+    column, else :meth:`classes_from_data`.
+
+    Folds: stratified by label, grouped by ``group_column`` when the table has it
+    (:func:`~cdft_core.data.folds.stratified_group_folds`), else the paper's image-level
+    ``StratifiedKFold`` (:func:`~cdft_core.data.folds.stratified_folds`). Splits: the named
+    :class:`~cdft_core.data.folds.FoldProtocol` of ``protocols``.
+    """
+
+    name: str = "dataset"
+    classes: Sequence[str] = ()
+    default_protocol: str = "standard"
+    default_folds: int = 5
+    group_column: str | None = None
+    protocols: Mapping[str, FoldProtocol] = PROTOCOLS
+
+    def class_names(self, table: pd.DataFrame | None = None) -> list[str]:
+        if self.classes or table is None:
+            return list(self.classes)
+        return class_names_from_table(table) or self.classes_from_data(table)
+
+    def classes_from_data(self, table: pd.DataFrame) -> list[str]:
+        """Names for a table without ``classes`` or a ``class_name`` column: the label numbers."""
+        import pandas as pd
+
+        labels = pd.to_numeric(table["label"], errors="coerce").dropna() if "label" in table.columns else []
+        return [str(i) for i in range(int(max(labels)) + 1)] if len(labels) else []
+
+    def assign_folds(self, table: pd.DataFrame, folds: int, seed: int) -> list[int]:
+        labels = table["label"].astype(int).tolist()
+        if self.group_column and self.group_column in table.columns:
+            return stratified_group_folds(labels, table[self.group_column].astype(str).tolist(), folds, seed)
+        return stratified_folds(labels, folds, seed)
+
+    def build_splits(
+        self, table: pd.DataFrame, *, val_fold: int, test_fold: int, protocol: str
+    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        return split_table(table, self.protocols[protocol], val_fold, test_fold)
+
+
+def class_names_from_table(table: pd.DataFrame, column: str = "class_name") -> list[str] | None:
+    """Class names read from a table's ``column`` (label -> name), or ``None`` without it.
+
+    A label with two different names is a usage error; labels never seen in between get
+    their number as name. Rows whose label is not an integer are left to the table check.
+    """
+    import pandas as pd
+
+    if column not in table.columns or table.empty:
+        return None
+    names: dict[int, str] = {}
+    labels = pd.to_numeric(table["label"], errors="coerce")
+    for label, name in zip(labels.tolist(), table[column].astype(str).tolist(), strict=True):
+        if pd.isna(label) or float(label) != int(label) or int(label) < 0:
+            continue
+        old = names.setdefault(int(label), name)
+        if old != name:
+            raise UsageError(
+                f"label {int(label)} has two class names, {old!r} and {name!r}; give each label one {column}"
+            )
+    if not names:
+        return None
+    return [names.get(i, str(i)) for i in range(max(names) + 1)]
+
+
+def split_names(text: str | None) -> list[str] | None:
+    """``"a,b , c"`` -> ``["a", "b", "c"]`` (an option listing class names); ``None`` stays."""
+    if text is None:
+        return None
+    names = [part.strip() for part in str(text).split(",") if part.strip()]
+    if len(set(names)) != len(names):
+        raise UsageError(f"class names {text!r} repeat a name; list each class once")
+    return names or None

@@ -1,0 +1,104 @@
+"""The report ``cdft prepare`` prints: images, patients and classes per fold, leakage,
+duplicates, and the warnings drawn from them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+def summarise(
+    table: pd.DataFrame,
+    classes: Sequence[str],
+    *,
+    group_column: str | None,
+    duplicates: Sequence[Sequence[str]] = (),
+) -> dict[str, Any]:
+    """Counts per class and per fold, leakage, cross-class groups and duplicate images.
+
+    ``duplicates`` lists groups of byte-identical files (paths as in the table).
+    The result is JSON-ready (``cdft prepare --json`` prints it as is).
+    """
+    folds = sorted(int(f) for f in table["fold"].unique())
+    has_groups = group_column is not None and group_column in table.columns
+    groups = table[group_column].astype(str) if has_groups else None
+
+    def n_groups(mask: Any) -> int | None:
+        return int(groups[mask].nunique()) if groups is not None else None
+
+    class_rows = []
+    for label, name in enumerate(classes):
+        in_class = table["label"] == label
+        class_rows.append(
+            {
+                "label": label,
+                "name": name,
+                "images": int(in_class.sum()),
+                "groups": n_groups(in_class),
+                "per_fold": {str(f): int((in_class & (table["fold"] == f)).sum()) for f in folds},
+            }
+        )
+    fold_rows = []
+    for f in folds:
+        in_fold = table["fold"] == f
+        fold_rows.append({"fold": f, "images": int(in_fold.sum()), "groups": n_groups(in_fold)})
+
+    leaking: list[dict[str, Any]] = []
+    cross_class: list[dict[str, Any]] = []
+    if groups is not None:
+        for name, rows in table.groupby(groups, sort=True):
+            fold_set = sorted(int(f) for f in rows["fold"].unique())
+            if len(fold_set) > 1:
+                leaking.append({"group": str(name), "folds": fold_set})
+            labels = sorted(int(v) for v in rows["label"].unique())
+            if len(labels) > 1:
+                cross_class.append({"group": str(name), "classes": [classes[v] for v in labels]})
+
+    fold_of = dict(zip(table["image_path"], table["fold"], strict=True))
+    duplicate_rows = []
+    for paths in duplicates:
+        dup_folds = sorted({int(fold_of[p]) for p in paths if p in fold_of})
+        duplicate_rows.append({"paths": list(paths), "folds": dup_folds})
+
+    sparse = [row["name"] for row in class_rows if 0 < row["images"] < len(folds)]
+    repeated = table["image_path"][table["image_path"].duplicated()].unique().tolist()
+    return {
+        "images": int(len(table)),
+        "groups": n_groups(slice(None)),
+        "group_column": group_column if has_groups else None,
+        "folds": fold_rows,
+        "classes": class_rows,
+        "leakage": leaking,
+        "cross_class_groups": cross_class,
+        "duplicates": duplicate_rows,
+        "duplicates_across_folds": sum(1 for d in duplicate_rows if len(d["folds"]) > 1),
+        "sparse_classes": sparse,
+        "empty_classes": [row["name"] for row in class_rows if row["images"] == 0],
+        "repeated_rows": repeated,
+    }
+
+
+def warnings_of(summary: Mapping[str, Any], max_listed: int = 3) -> list[str]:
+    """The warning lines of a summary, one problem each (shown on stderr and in JSON)."""
+    who = summary.get("group_column") or "group"
+    out = []
+    for row in summary["cross_class_groups"]:
+        out.append(f"{who} {row['group']} is filed under more than one class: {', '.join(row['classes'])}")
+    duplicates = summary["duplicates"]
+    if duplicates:
+        across = summary["duplicates_across_folds"]
+        leak = f", {across} of them across folds (leakage)" if across else ", each within one fold"
+        # one example: BreakHis paths are ~120 characters, so three sets made a 700-character line
+        more = f"; {len(duplicates) - 1} more in --json" if len(duplicates) > 1 else ""
+        out.append(f"{len(duplicates)} set(s) of byte-identical images{leak}, e.g. {' = '.join(duplicates[0]['paths'])}{more}")
+    repeated = summary.get("repeated_rows") or []
+    if repeated:
+        shown = ", ".join(repeated[:max_listed]) + (", …" if len(repeated) > max_listed else "")
+        out.append(f"{len(repeated)} image path(s) listed more than once: {shown}")
+    for name in summary["empty_classes"]:
+        out.append(f"class {name} has no images")
+    for name in summary["sparse_classes"]:
+        out.append(f"class {name} has fewer images than folds; some folds have none of it")
+    return out

@@ -1,0 +1,174 @@
+"""The two entry points the rest of cdft uses: :func:`prepare` and :func:`load_splits`.
+
+- :func:`prepare` scans a data root and assigns folds: the table ``cdft prepare`` writes
+  (``image_path,label,fold`` first, the paper's CSV contract, then the columns the dataset
+  knows, such as ``class_name``, ``patient``, ``magnification``);
+- :func:`load_splits` reads such a table (or scans and splits in memory), validates it
+  and cuts it into train/val/test with the dataset's fold protocol: the :class:`Splits`
+  a run trains on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cdft_core.data.options import build_dataset, choose_protocol
+from cdft_core.data.protocol import Dataset
+from cdft_core.data.report import summarise
+from cdft_core.data.tables import DECODE_CHECK, check_table, order_columns, read_split_file
+from cdft_core.errors import CdftError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cdft_core.data.root import DataRoot
+    from cdft_core.registry import Registry
+
+
+@dataclass
+class Splits:
+    """The three tables of a run, with the class names (index == label) and the data root."""
+
+    classes: list[str]
+    root: str
+    protocol: str
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    dataset: str = ""
+    options: dict[str, str] = field(default_factory=dict)
+    split_file: str | None = None
+
+
+def _scan_and_fold(
+    ds: Dataset, root: DataRoot, folds: int | None, seed: int, decode_check: int | None
+) -> tuple[pd.DataFrame, list[str], int]:
+    """Scan, sort by path, validate, assign folds: (table, classes, number of folds)."""
+    table = ds.scan(root)
+    if table is None or len(table) == 0:
+        raise CdftError(
+            f"no images of dataset {ds.name!r} found under data root {root.url}; check the path and the options"
+        )
+    table = table.drop(columns=["fold"], errors="ignore")
+    classes = ds.class_names(table)
+    table = check_table(table, classes, root, source="", require_fold=False, decode_check=decode_check)
+    table = table.sort_values("image_path", kind="mergesort").reset_index(drop=True)
+    n_folds = int(folds if folds is not None else ds.default_folds)
+    table.insert(2, "fold", [int(f) for f in ds.assign_folds(table, n_folds, seed)])
+    if "class_name" not in table.columns:
+        table["class_name"] = [classes[label] for label in table["label"]]
+    return order_columns(table, ds.group_column), list(classes), n_folds
+
+
+def prepare_with_summary(
+    dataset: str,
+    root: str,
+    *,
+    options: Mapping[str, Any] | None = None,
+    folds: int | None = None,
+    seed: int = 1,
+    registry: Registry | None = None,
+    decode_check: int | None = DECODE_CHECK,
+    duplicates: bool = True,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """:func:`prepare`, plus the report ``cdft prepare`` prints (see :func:`~cdft_core.data.folds.summarise`).
+
+    ``duplicates``: look for byte-identical images (reads only files of equal size).
+    """
+    from cdft_core.data.images import find_duplicates
+    from cdft_core.data.root import DataRoot
+
+    ds, resolved = build_dataset(dataset, options, registry)
+    data_root = DataRoot.open(root)
+    table, classes, n_folds = _scan_and_fold(ds, data_root, folds, seed, decode_check)
+    dup_groups = find_duplicates(data_root, table["image_path"].tolist()) if duplicates else []
+    summary = summarise(table, classes, group_column=ds.group_column, duplicates=dup_groups)
+    summary.update(
+        {
+            "dataset": dataset,
+            "root": str(root),
+            "options": resolved,
+            "n_folds": n_folds,
+            "seed": seed,
+            "default_protocol": ds.default_protocol,
+            "class_names": classes,
+        }
+    )
+    return table, summary
+
+
+def prepare(
+    dataset: str,
+    root: str,
+    *,
+    options: Mapping[str, Any] | None = None,
+    folds: int | None = None,
+    seed: int = 1,
+    registry: Registry | None = None,
+    decode_check: int | None = DECODE_CHECK,
+) -> pd.DataFrame:
+    """Scan ``root``, validate it and assign folds: the table ``cdft prepare`` writes.
+
+    ``folds`` defaults to the dataset's ``default_folds``; the rows are sorted by path
+    before folds are assigned, so the same data, options and seed give the same table.
+    """
+    table, _ = prepare_with_summary(
+        dataset,
+        root,
+        options=options,
+        folds=folds,
+        seed=seed,
+        registry=registry,
+        decode_check=decode_check,
+        duplicates=False,
+    )
+    return table
+
+
+def load_splits(
+    dataset: str,
+    root: str,
+    *,
+    split_file: str | None,
+    val_fold: int,
+    test_fold: int,
+    protocol: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    folds: int | None = None,
+    seed: int = 1,
+    registry: Registry | None = None,
+    decode_check: int | None = DECODE_CHECK,
+) -> Splits:
+    """The train/val/test tables of a run, validated before any training work.
+
+    With ``split_file`` its folds are used as written (``folds``/``seed`` are ignored);
+    dataset options then only choose the classes (e.g. ``task``), not the rows. Without
+    it the root is scanned and split in memory exactly as :func:`prepare` would.
+    """
+    from cdft_core.data.root import DataRoot
+
+    ds, resolved = build_dataset(dataset, options, registry)
+    chosen = choose_protocol(ds, protocol)
+    data_root = DataRoot.open(root)
+    if split_file is not None:
+        raw = read_split_file(split_file)
+        classes = ds.class_names(raw)
+        table = check_table(
+            raw, classes, data_root, source=str(split_file), require_fold=True, decode_check=decode_check
+        )
+    else:
+        table, classes, _ = _scan_and_fold(ds, data_root, folds, seed, decode_check)
+    train, val, test = ds.build_splits(table, val_fold=int(val_fold), test_fold=int(test_fold), protocol=chosen)
+    return Splits(
+        classes=list(classes),
+        root=str(root),
+        protocol=chosen,
+        train=train,
+        val=val,
+        test=test,
+        dataset=dataset,
+        options=resolved,
+        split_file=None if split_file is None else str(split_file),
+    )

@@ -1,0 +1,160 @@
+"""Split tables: read a split CSV, check it against its data root, write one atomically.
+
+Errors, one line each and raised before any training work:
+
+- :class:`UsageError` (exit 2) when the *split file* is wrong: a CSV without a required
+  column or with a non-integer label/fold; a label outside the classes; an image path
+  that escapes the root.
+- :class:`CdftError` (exit 1) when the *data on disk* is not what the table says: an
+  image that is missing, unreadable or does not decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from cdft_core.data.protocol import SPLIT_COLUMNS
+from cdft_core.errors import CdftError, UsageError
+from cdft_core.files import atomic_write
+from cdft_core.text import one_line
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cdft_core.data.root import DataRoot
+
+#: How many images :func:`~cdft_core.data.splits.load_splits` and ``prepare`` decode as a check by default.
+DECODE_CHECK = 8
+
+
+def read_split_file(
+    split_file: str, *, fs: Any = None, what: str = "split file", missing: str = "make one with `cdft prepare`"
+) -> pd.DataFrame:
+    """Read a split CSV as it is (columns are checked later).
+
+    ``split_file`` is a local path or fsspec URL, or a path inside ``fs`` when given
+    (a CSV stored under a data root). ``what`` names it in error lines; ``missing`` is
+    the advice when it does not exist.
+    """
+    import fsspec
+    import pandas as pd
+
+    try:
+        opener = fs.open(split_file, "rb") if fs is not None else fsspec.open(str(split_file), "rb")
+        with opener as handle:
+            table = pd.read_csv(handle, dtype={"image_path": str}, keep_default_na=False, na_values=[""])
+    except FileNotFoundError as exc:
+        raise UsageError(f"{what} {split_file!r} does not exist; {missing}") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{what} {split_file!r} is not a readable CSV ({one_line(exc)})") from exc
+    except (OSError, ValueError, ImportError) as exc:
+        raise CdftError(f"cannot read {what} {split_file!r}: {one_line(exc)}") from exc
+    return table
+
+
+def _integers(table: pd.DataFrame, column: str, where: Any) -> list[int]:
+    import pandas as pd
+
+    values = pd.to_numeric(table[column], errors="coerce")
+    for idx, (raw, num) in enumerate(zip(table[column].tolist(), values.tolist(), strict=True)):
+        if pd.isna(num) or float(num) != int(num):
+            raise UsageError(f"{where(idx)}: {column} {raw!r} is not an integer")
+    return [int(v) for v in values.tolist()]
+
+
+def check_table(
+    table: pd.DataFrame,
+    classes: Sequence[str],
+    root: DataRoot,
+    *,
+    source: str,
+    require_fold: bool,
+    decode_check: int | None = DECODE_CHECK,
+) -> pd.DataFrame:
+    """Validate a split table against its data root; return it with clean paths and ints.
+
+    ``source`` names the split file (its rows are reported as CSV line numbers) or is
+    empty for a scanned table (rows are reported by file). ``decode_check`` images,
+    spread evenly over the table, are decoded (``None``: all of them).
+    """
+    required = SPLIT_COLUMNS if require_fold else SPLIT_COLUMNS[:2]
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        where = f"split file {source}" if source else "the scanned table"
+        raise UsageError(
+            f"{where} has no column {', '.join(missing)} (columns: {', '.join(map(str, table.columns)) or 'none'}); "
+            f"a split file needs {','.join(required)}, e.g. from `cdft prepare`"
+        )
+    if table.empty:
+        raise UsageError(f"split file {source} has no rows" if source else "the dataset has no images")
+    table = table.reset_index(drop=True).copy()
+
+    def where(idx: int) -> str:
+        if source:
+            return f"split file {source} line {idx + 2}"
+        return f"image {table['image_path'].iloc[idx]!r}"
+
+    def at(idx: int) -> str:
+        """The prefix of a message that names the image itself: the CSV line, if any."""
+        return f"{where(idx)}: " if source else ""
+
+    table["image_path"] = [root.confine(p, where(i) if source else "") for i, p in enumerate(table["image_path"].tolist())]
+    table["label"] = _integers(table, "label", where)
+    if "fold" in table.columns:
+        table["fold"] = _integers(table, "fold", where)
+    n = len(classes)
+    for idx, label in enumerate(table["label"].tolist()):
+        if not 0 <= label < n:
+            raise UsageError(
+                f"{where(idx)}: label {label} is outside the {n} classes (0..{n - 1}: {', '.join(classes)}); "
+                f"check the dataset options (e.g. --task) match the split file"
+            )
+    if "class_name" in table.columns:
+        for idx, (label, name) in enumerate(
+            zip(table["label"].tolist(), table["class_name"].astype(str).tolist(), strict=True)
+        ):
+            if name != classes[label]:
+                raise UsageError(
+                    f"{where(idx)}: class_name {name!r} does not match label {label} = {classes[label]!r}; "
+                    f"use the dataset options the file was prepared with"
+                )
+
+    present = root.files(extensions=None)
+    absent = [i for i, p in enumerate(table["image_path"].tolist()) if p not in present]
+    if absent:
+        more = f" (and {len(absent) - 1} more missing)" if len(absent) > 1 else ""
+        raise CdftError(
+            f"{at(absent[0])}image {table['image_path'].iloc[absent[0]]!r} not found under data root "
+            f"{root.url}{more}; check the root or the split file"
+        )
+    _decode_sample(table, root, decode_check, at)
+    return table
+
+
+def _decode_sample(table: pd.DataFrame, root: DataRoot, count: int | None, at: Callable[[int], str]) -> None:
+    from cdft_core.data.images import decode_image
+
+    total = len(table)
+    if count is None or count >= total:
+        rows = list(range(total))
+    else:
+        rows = sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(max(count, 1))})
+    for idx in rows:
+        path = table["image_path"].iloc[idx]
+        try:
+            decode_image(root.read_bytes(path), path)
+        except CdftError as exc:
+            raise CdftError(f"{at(idx)}{exc}") from exc
+
+
+def order_columns(table: pd.DataFrame, group_column: str | None) -> pd.DataFrame:
+    """``image_path,label,fold`` first (the paper's contract), then the known columns."""
+    first = [c for c in (*SPLIT_COLUMNS, "class_name", group_column) if c and c in table.columns]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+def write_split_file(table: pd.DataFrame, destination: str) -> None:
+    """Write a split table atomically (:func:`cdft_core.files.atomic_write`): a failure
+    leaves any previous file untouched and no partial file behind."""
+    atomic_write(destination, table.to_csv(index=False, lineterminator="\n").encode("utf-8"), what="split file")

@@ -1,0 +1,136 @@
+"""Evaluation: a model's metrics on a dataset, in a run (every rank) or of a saved checkpoint.
+
+Each rank predicts its share (``DistributedSampler`` without shuffling, which pads the
+last share by repeating images); the predictions are gathered, the repeats dropped and
+the metrics computed once on exactly the evaluation set, so 1 and N processes give the
+same numbers (docs/method.md#distributed-evaluation). ``cdft eval`` uses the same
+function on a checkpoint (:func:`evaluate_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+from cdft_core.errors import CdftError, UsageError
+from cdft_core.training import metrics as metrics_lib
+from cdft_core.training.distributed import DistInfo, gather_predictions
+from cdft_core.training.loaders import WithIndex, make_loader
+
+
+def autocast(precision: str, device: torch.device) -> Any:
+    """bf16/fp16 autocast on the device, or a no-op context for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, classes: list[str], dist_info: DistInfo,
+             batch_size: int, num_workers: int, precision: str) -> dict[str, Any]:
+    """Metrics of ``model`` on ``dataset``; every rank takes part and gets the same numbers."""
+    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=False)
+    loader = make_loader(WithIndex(dataset), list(sampler), batch_size, num_workers, 0)
+    was_training = model.training
+    model.eval()
+    indices, labels, logits = [], [], []
+    with torch.no_grad():
+        for images, target, index in loader:
+            with autocast(precision, dist_info.device):
+                out = model(images.to(dist_info.device, non_blocking=True))
+            logits.append(out.float().cpu())
+            labels.append(target)
+            indices.append(index)
+    model.train(was_training)
+    k = len(classes)
+    local = (torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
+             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+             torch.cat(logits) if logits else torch.zeros(0, k))
+    _, all_labels, all_logits = gather_predictions(*local, dist_info, len(dataset))
+    result = metrics_lib.compute_metrics(all_labels.numpy(), torch.softmax(all_logits, 1).numpy(), classes)
+    result["loss"] = float(F.cross_entropy(all_logits, all_labels)) if len(all_labels) else 0.0
+    return result
+
+
+# -- a saved checkpoint (cdft eval) ------------------------------------------------------
+@dataclass
+class CheckpointEvaluation:
+    """What ``cdft eval`` prints: the checkpoint, its metadata and the metrics."""
+
+    checkpoint: str
+    split: str
+    metadata: dict[str, Any]
+    classes: list[str]
+    metrics: dict[str, Any]
+
+
+def find_checkpoint(target: str) -> str:
+    """The model file to evaluate: TARGET itself, or the final best checkpoint of a run directory."""
+    from cdft_core.training.rundir import RunDir
+
+    rundir = RunDir(target)
+    if not rundir.exists():
+        raise UsageError(f"{target!r} does not exist; pass a run directory or a .safetensors checkpoint")
+    if rundir.fs.isfile(rundir.path):
+        return target
+    if rundir.exists("summary.json"):
+        return rundir.join(json.loads(rundir.read_text("summary.json"))["checkpoint"])
+    stages = [name for name in rundir.listdir() if name.startswith("stage") and rundir.exists(f"{name}/best.safetensors")]
+    if not stages:
+        raise UsageError(f"{target!r} holds no checkpoint yet (no stage*/best.safetensors)")
+    latest = max(stages, key=lambda name: int(name[len("stage"):].split("-", 1)[0]))
+    return rundir.join(f"{latest}/best.safetensors")
+
+
+def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | None = None,
+                        data_root: str | None = None, batch_size: int | None = None, num_workers: int = 0,
+                        device: str = "auto") -> CheckpointEvaluation:
+    """Re-evaluate a saved model on a split of its run's data (or ``split_file``/``data_root``).
+
+    The checkpoint carries the model spec (rebuilt without downloading anything), the
+    run's configuration and the class names.
+    """
+    from cdft_core.config import RunConfig, merge, resolve_device, resolve_precision
+    from cdft_core.data.images import ImageDataset
+    from cdft_core.data.splits import load_splits
+    from cdft_core.data.transforms import eval_transform
+    from cdft_core.models.model import model_from_spec
+    from cdft_core.training.checkpoint import read_model
+
+    checkpoint = find_checkpoint(target)
+    tensors, meta = read_model(checkpoint)
+    if "cdft_config" not in meta:
+        raise UsageError(f"{checkpoint!r} has no run configuration in its metadata; it was not written by `cdft run`")
+    config = merge(RunConfig(), meta["cdft_config"], source=checkpoint)
+    splits = load_splits(
+        config.dataset, data_root or config.data_root, split_file=split_file or config.split_file,
+        val_fold=config.val_fold, test_fold=config.test_fold, protocol=config.protocol,
+        options=config.dataset_options, folds=config.folds, seed=config.seed,
+    )
+    classes = list(meta.get("cdft_classes") or splits.classes)
+    if list(splits.classes) != classes:
+        raise CdftError(f"the data has classes {splits.classes} but the checkpoint was trained on {classes}")
+    table = getattr(splits, split)
+    if len(table) == 0:
+        raise UsageError(f"the {split} split is empty")
+
+    torch_device = resolve_device(device)
+    model = model_from_spec(meta["cdft_spec"])
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CdftError(f"{checkpoint!r} does not fit its own model spec ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected tensors)")
+    model.to(torch_device)
+    dist_info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(torch_device))
+    dataset = ImageDataset(splits.root, table, eval_transform(model.data_config))
+    result = evaluate(model, dataset, classes, dist_info, batch_size or eval_batch_size(config), num_workers,
+                      resolve_precision(config.precision, torch_device))
+    return CheckpointEvaluation(checkpoint, split, meta, classes, result)
+
+
+def eval_batch_size(config: Any) -> int:
+    """The evaluation batch: ``eval_batch_size``, else twice the training batch (no gradients to keep)."""
+    return config.eval_batch_size or 2 * config.batch_size

@@ -1,0 +1,159 @@
+"""What a run leaves behind: metric lines, TensorBoard scalars, best checkpoints, resume
+states, logs and the summary. Files are written by rank 0 only (see
+:mod:`cdft_core.training.rundir` for the layout)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from cdft_core.training import metrics as metrics_lib
+from cdft_core.training.checkpoint import RESUME_DIR, capture_rng, read_model, resume_tag, save_model, save_resume
+from cdft_core.training.distributed import all_gather_objects, barrier, broadcast_object
+from cdft_core.training.state import Run
+
+
+def stage_dir(run: Run, index: int) -> str:
+    """``stage1-frt``: the stage's sub-directory (checkpoints, confusion matrix)."""
+    return f"stage{index + 1}-{run.strategy.stages[index].name}"
+
+
+def tag(run: Run, index: int, name: str) -> str:
+    """TensorBoard tags are separated per stage when a strategy has several."""
+    return f"{stage_dir(run, index)}/{name}" if len(run.strategy.stages) > 1 else name
+
+
+def record(run: Run, index: int, epoch: int, split: str, values: Mapping[str, Any]) -> None:
+    """One ``metrics.jsonl`` line and the TensorBoard scalars of an epoch's split (rank 0)."""
+    if not run.dist.is_main:
+        return
+    line = {"stage": run.strategy.stages[index].name, "stage_index": index + 1, "epoch": epoch + 1, "split": split,
+            "global_step": run.progress.global_step, **values}
+    run.metric_lines.append(line)
+    if split == "train":  # per-step train/loss and train/lr are logged while training
+        scalars = {"accuracy": values["accuracy"], "epoch_loss": values["loss"]}
+    else:
+        scalars = {**metrics_lib.scalars(values), "loss": values["loss"]}
+    for name, value in scalars.items():
+        run.tb.scalar(tag(run, index, f"{split}/{name}"), value, run.progress.global_step)
+
+
+def record_rates(run: Run, index: int, rates: Mapping[str, float]) -> None:
+    """TensorBoard learning rates: ``train/lr`` for one label group, ``train/lr/<label>`` for several."""
+    if len(rates) == 1:
+        run.tb.scalar(tag(run, index, "train/lr"), next(iter(rates.values())), run.progress.global_step)
+        return
+    for label, value in rates.items():
+        run.tb.scalar(tag(run, index, f"train/lr/{label}"), value, run.progress.global_step)
+
+
+def save_best(run: Run, index: int) -> None:
+    """This stage's best-validation weights, metrics and confusion matrix (files: rank 0)."""
+    progress, stages = run.progress, run.strategy.stages
+    if index + 1 < len(stages) and stages[index + 1].init == "best":
+        # kept in memory on every rank: the next stage starts from it without reading files
+        run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+    if not run.dist.is_main:
+        return
+    directory = stage_dir(run, index)
+    classes = run.splits.classes
+    save_model(run.rundir, f"{directory}/best.safetensors", run.model.state_dict(), {
+        "cdft_spec": run.model.spec, "cdft_config": run.config.to_dict(), "cdft_classes": classes,
+        "cdft_stage": stages[index].name, "cdft_stage_index": index + 1, "cdft_epoch": progress.best_epoch,
+    })
+    best = {"stage": stages[index].name, "epoch": progress.best_epoch, "val": progress.best_val, "test": progress.best_test}
+    run.rundir.write_text(f"{directory}/best.json", json.dumps(best, indent=2))
+    matrix = progress.best_test["confusion_matrix"]
+    run.rundir.write_text(f"{directory}/confusion_matrix.csv", metrics_lib.confusion_csv(matrix, classes))
+    run.tb.confusion_matrix(tag(run, index, "test/confusion_matrix"), matrix, classes, progress.global_step)
+
+
+def previous_best(run: Run, index: int) -> dict[str, torch.Tensor]:
+    """The previous stage's best-validation weights: from memory, or (after a resume) its file."""
+    weights = run.best_weights
+    if weights is None:
+        name = f"{stage_dir(run, index - 1)}/best.safetensors"
+        weights = read_model(run.rundir.join(name))[0] if run.dist.is_main else None
+        weights = broadcast_object(weights, run.dist)
+    run.log(f"stage {index + 1} starts from {stage_dir(run, index - 1)}/best.safetensors")
+    return {k: v.to(run.dist.device) for k, v in weights.items()}
+
+
+def save_checkpoint(run: Run, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+    """A complete resumable state (every rank's RNG and running sums included), the metrics and the log (rank 0)."""
+    progress = run.progress
+    per_rank = all_gather_objects((capture_rng(), progress.epoch_sums), run.dist)
+    if run.dist.is_main:
+        state = progress.record([sums for _, sums in per_rank], scaler.state_dict() if scaler is not None else None,
+                                progress.elapsed + time.time() - run.started)
+        save_resume(run.rundir, tag=resume_tag(progress.stage_index, progress.epoch, progress.step),
+                    model_state=run.model.state_dict(), optimizer_state=optimizer.state_dict(),
+                    rng_states=[rng for rng, _ in per_rank], progress=state)
+        write_logs(run)
+    barrier(run.dist)
+
+
+def write_logs(run: Run) -> None:
+    run.rundir.write_text("metrics.jsonl", "".join(json.dumps(line) + "\n" for line in run.metric_lines))
+    run.rundir.write_text("train.log", run.log.text())
+    run.tb.flush()
+
+
+def stage_result(run: Run, index: int, epochs: int) -> dict[str, Any]:
+    progress = run.progress
+    stage = run.strategy.stages[index]
+    return {
+        "index": index + 1, "name": stage.name, "epochs": epochs, "lr": run.config.lr * stage.lr_factor,
+        "init": stage.init, "best_epoch": progress.best_epoch, "val": progress.best_val, "test": progress.best_test,
+        "checkpoint": f"{stage_dir(run, index)}/best.safetensors",
+    }
+
+
+def interrupted_message(run: Run) -> str:
+    p = run.progress
+    where = (f"at stage {p.stage_index + 1}, epoch {p.epoch + 1}, step {p.step}" if p.step
+             else f"after stage {p.stage_index + 1}, epoch {p.epoch}")
+    return f"stopped by SIGTERM {where}; the state is saved: continue with `cdft run --resume {run.rundir.url}`"
+
+
+def write_summary(run: Run) -> dict[str, Any] | None:
+    """The summary (rank 0): final test metrics at the best epoch, per stage results; written last."""
+    if not run.dist.is_main:
+        return None
+    progress = run.progress
+    final = progress.stages[-1]
+    summary = {
+        "status": "complete",
+        "run_dir": run.rundir.url,
+        "dataset": run.config.dataset,
+        "protocol": run.splits.protocol,
+        "backbone": run.config.backbone,
+        "adapter": run.adapter,
+        "strategy": run.strategy.name,
+        "seed": run.config.seed,
+        "classes": run.splits.classes,
+        "images": {"train": len(run.splits.train), "val": len(run.splits.val), "test": len(run.splits.test)},
+        "world_size": run.dist.world_size,
+        "best_stage": final["name"],
+        "best_epoch": final["best_epoch"],
+        "val": final["val"],
+        "test": final["test"],
+        "checkpoint": final["checkpoint"],
+        "stages": progress.stages,
+        "elapsed_s": round(progress.elapsed + time.time() - run.started, 1),
+    }
+    classes = run.splits.classes
+    run.rundir.write_text("confusion_matrix.csv", metrics_lib.confusion_csv(final["test"]["confusion_matrix"], classes))
+    hparam_metrics = {f"test_{k}": v for k, v in metrics_lib.scalars(final["test"]).items()}
+    hparam_metrics["val_accuracy"] = final["val"]["accuracy"]
+    run.tb.hparams({k: v for k, v in run.config.to_dict().items() if k not in ("output", "runs_dir")},
+                   hparam_metrics, progress.global_step)
+    run.log(f"done: test accuracy {final['test']['accuracy']:.4f} at stage {final['index']} epoch {final['best_epoch']}")
+    write_logs(run)
+    run.rundir.write_text("summary.json", json.dumps(summary, indent=2))
+    run.rundir.remove(RESUME_DIR)  # a complete run cannot be resumed: drop its optimizer state
+    return summary

@@ -1,0 +1,191 @@
+"""Where a run stands (:class:`Progress`), everything it holds (:class:`Run`), and the
+saved state a resumed run starts from (:class:`SavedState`).
+
+Resuming is settled here and in :func:`cdft_core.training.engine.setup`: the saved state
+is read once, its model weights, progress, RNG streams and running sums are restored
+before training starts, and its optimizer and grad-scaler state wait in
+:attr:`Run.saved_optimizer` / :attr:`Run.saved_scaler` for the builders of the stage
+that was interrupted. The stages themselves never ask whether they are resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cdft_core.config import RunConfig, dump_yaml
+from cdft_core.errors import UsageError
+from cdft_core.training.checkpoint import latest_resume
+from cdft_core.training.distributed import DistInfo, broadcast_object
+from cdft_core.training.faults import StepHook
+from cdft_core.training.log import RunLog
+from cdft_core.training.rundir import RunDir, auto_name, create_run_dir, environment_info, open_existing
+from cdft_core.training.signals import StopRequest
+
+if TYPE_CHECKING:
+    from cdft_core.data.splits import Splits
+    from cdft_core.models.model import CdftModel
+    from cdft_core.strategy import Strategy
+    from cdft_core.training.loaders import SeededAugmentation
+    from cdft_core.training.tensorboard_log import TensorBoardLog
+
+
+@dataclass
+class Progress:
+    """Where the run stands. Saved in every resume state; ``--resume`` restores it."""
+
+    stage_index: int = 0  # the stage being trained (0-based); len(stages) once all are done
+    epoch: int = 0  # completed epochs of that stage
+    step: int = 0  # completed steps of the epoch in progress (only SIGTERM states have > 0)
+    global_step: int = 0  # optimizer steps over the whole run (the TensorBoard x axis)
+    best_accuracy: float | None = None  # best validation accuracy of this stage
+    best_epoch: int | None = None
+    best_val: dict | None = None  # validation metrics at the best epoch
+    best_test: dict | None = None  # test metrics at the best epoch
+    epoch_sums: dict = field(default_factory=dict)  # this rank's running train loss/accuracy of the epoch in progress
+    stages: list = field(default_factory=list)  # results of the finished stages
+    elapsed: float = 0.0  # seconds of training before this process started
+
+    def start_stage(self, index: int) -> None:
+        self.stage_index, self.epoch, self.step = index, 0, 0
+        self.best_accuracy = self.best_epoch = self.best_val = self.best_test = None
+        self.epoch_sums = {}
+
+    def record(self, rank_sums: list[dict], scaler: dict | None, elapsed: float) -> dict[str, Any]:
+        """The JSON record a resume state stores: this progress, every rank's running sums, the scaler."""
+        record = asdict(self)
+        record.update(epoch_sums=rank_sums, scaler=scaler, elapsed=elapsed)
+        return record
+
+
+@dataclass
+class SavedState:
+    """A resume state as the run's builders consume it (see the module docstring)."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any] | None
+    rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]  # one entry per rank
+    epoch_sums: list[dict]  # one entry per rank
+    progress: Progress
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> SavedState:
+        record = state["progress"]
+        known = {f.name for f in fields(Progress)} - {"epoch_sums"}  # per rank: restored in setup
+        return cls(
+            model=state["model"], optimizer=state["optimizer"], scaler=record.get("scaler"), rng=state["rng"],
+            epoch_sums=list(record.get("epoch_sums") or []),
+            progress=Progress(**{k: v for k, v in record.items() if k in known}),
+        )
+
+
+@dataclass
+class RunData:
+    """The three datasets of a run, transforms applied (train: seeded augmentation)."""
+
+    train: SeededAugmentation
+    val: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+
+
+@dataclass
+class Run:
+    """Everything :func:`~cdft_core.training.engine.setup` builds and the stages use."""
+
+    config: RunConfig
+    dist: DistInfo
+    rundir: RunDir
+    splits: Splits
+    model: CdftModel
+    strategy: Strategy
+    adapter: str
+    data: RunData
+    precision: str
+    tb: TensorBoardLog
+    log: RunLog
+    stop: StopRequest
+    progress: Progress
+    metric_lines: list[dict]
+    started: float = field(default_factory=time.time)
+    after_step: StepHook | None = None  # test-only fault injection (cdft_core.training.faults)
+    saved_optimizer: dict | None = None  # the interrupted stage's optimizer state, for its builder
+    saved_scaler: dict | None = None
+    best_weights: dict | None = None  # the stage's best weights, kept when the next stage starts from them
+
+    def take_saved(self) -> tuple[dict | None, dict | None]:
+        """The saved optimizer and scaler state, once: the stage resumed in gets them, later stages None."""
+        saved = self.saved_optimizer, self.saved_scaler
+        self.saved_optimizer = self.saved_scaler = None
+        return saved
+
+
+def open_run_dir(config: RunConfig, resume: str | None, dist_info: DistInfo, log: RunLog,
+                 argv: list[str]) -> tuple[RunDir, SavedState | None, list[dict]]:
+    """Rank 0 creates the run directory, or reopens it to resume; every rank gets the saved state.
+
+    Returns the directory, the saved state (None for a new run or one killed before its
+    first save) and the ``metrics.jsonl`` lines that state covers.
+    """
+    if not resume:
+        url = None
+        if dist_info.is_main:
+            name = auto_name(config.dataset, config.backbone, config.strategy, config.val_fold, config.test_fold, config.seed)
+            rundir = create_run_dir(config.output, config.runs_dir, name)
+            rundir.write_text("config.yaml", dump_yaml(config))
+            rundir.write_text("environment.json", json.dumps(environment_info(list(argv), dist_info.world_size), indent=2))
+            url = rundir.url
+        return RunDir(broadcast_object(url, dist_info)), None, []
+
+    rundir = open_existing(resume)
+    if rundir.exists("summary.json"):
+        raise UsageError(f"run {resume!r} is complete (it has summary.json); nothing to resume")
+    state = broadcast_object(latest_resume(rundir) if dist_info.is_main else None, dist_info)
+    if dist_info.is_main:
+        if rundir.exists("train.log"):
+            log.previous = rundir.read_text("train.log")
+        rundir.write_text("config.yaml", dump_yaml(config))  # the same run, perhaps with its data elsewhere now
+    if state is None:
+        log(f"resuming {rundir.url}: no saved state yet, starting from the beginning")
+        return rundir, None, []
+    saved = SavedState.from_checkpoint(state)
+    progress = saved.progress
+    log(f"resuming {rundir.url} after stage {progress.stage_index + 1}, epoch {progress.epoch}"
+        + (f" and {progress.step} steps of epoch {progress.epoch + 1}" if progress.step else ""))
+    if progress.step and len(saved.rng) != dist_info.world_size:
+        raise UsageError(
+            f"this state was saved in the middle of an epoch by {len(saved.rng)} processes; "
+            f"resume it with the same number of processes"
+        )
+    lines = metric_lines_until(rundir, progress) if dist_info.is_main else []
+    return rundir, saved, lines
+
+
+def metric_lines_until(rundir: RunDir, progress: Progress) -> list[dict]:
+    """The metric lines of the epochs a resume state covers (a killed run may have written more)."""
+    if not rundir.exists("metrics.jsonl"):
+        return []
+    lines = [json.loads(line) for line in rundir.read_text("metrics.jsonl").splitlines() if line.strip()]
+    done = (progress.stage_index + 1, progress.epoch)
+    return [line for line in lines if (line["stage_index"], line["epoch"]) <= done]
+
+
+@dataclass
+class StageRun:
+    """One stage in training: what each epoch of it needs besides the run."""
+
+    index: int  # 0-based
+    epochs: int
+    steps: int  # optimizer steps per epoch
+    warmup: int  # warm-up steps
+    model: torch.nn.Module  # what trains: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps
