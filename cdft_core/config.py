@@ -5,7 +5,7 @@ dashes turned into underscores (``--val-fold`` <-> ``val_fold``), so a YAML pres
 command line and the ``config.yaml`` saved with a run all speak the same language.
 Precedence: defaults < ``--config FILE.yaml`` < explicit CLI options.
 
-The defaults are the paper's recipe (SPEC §5): Adam, weight decay 1e-3, learning rate
+The defaults are the paper's recipe (docs/method.md#recipe): Adam, weight decay 1e-3, learning rate
 1e-4, batch 8 per process, 100 epochs, 2 warm-up epochs from 0.01·lr then cosine per
 step, seed 1, image size from the backbone.
 

@@ -27,7 +27,7 @@ import pluggy
 
 from cdft_core import hookspecs
 from cdft_core.errors import PluginError, PluginUnavailable, UsageError
-from cdft_core.text import env_flag, one_line
+from cdft_core.text import env_flag, jsonable, one_line
 
 KINDS: tuple[str, ...] = ("dataset", "backbone", "adapter", "strategy")
 PLURALS: dict[str, str] = {"dataset": "datasets", "backbone": "backbones", "adapter": "adapters", "strategy": "strategies"}
@@ -439,14 +439,3 @@ def _natural_key(name: str) -> list[Any]:
 
 def _unresolved(*args: Any, **kwargs: Any) -> Any:
     raise UsageError("a catalogue entry must be resolved by name before it is built")
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with mappings, lists and scalars kept and anything else as its ``str``: safe for JSON."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

@@ -12,7 +12,7 @@ Everything else follows from the labels:
 - :func:`param_groups` builds the optimiser's parameter groups from the trainable labels
   only, so frozen parameters have no gradient and no optimiser state.
 
-A strategy is an ordered tuple of :class:`Stage`\\ s. ``staged`` (SPEC §4) is two stages in
+A strategy is an ordered tuple of :class:`Stage`\\ s. ``staged`` (docs/method.md#strategies) is two stages in
 one run: the ``frt`` labelling, then everything trainable from the first stage's best
 validation weights at a tenth of the learning rate. The engine runs the stages; for each
 one it calls :func:`apply_stage` on the *unwrapped* model, then builds a fresh optimiser
@@ -134,6 +134,14 @@ class Strategy:
             raise UsageError(f"strategy {self.name!r}: stage names must differ, got {names}")
         if stages[0].init != "start":
             raise UsageError(f"strategy {self.name!r}: the first stage has no previous stage, so its init must be 'start'")
+
+
+def strategy_metadata(strategy: Strategy, *, trains: str, options: Iterable[str] = (), **extra: Any) -> dict[str, Any]:
+    """The registration metadata of a strategy, derived from the strategy its factory
+    builds with default options: the default adapter and the stage names are stated once,
+    on the :class:`Strategy`. ``trains`` and ``options`` describe it for ``cdft list``."""
+    return {"default_adapter": strategy.default_adapter, "stages": [s.name for s in strategy.stages],
+            "trains": trains, "options": list(options), **extra}
 
 
 # -- label functions ---------------------------------------------------------------------
@@ -357,6 +365,7 @@ __all__ = [
     "labels_for",
     "param_groups",
     "parse_option",
+    "strategy_metadata",
     "train_all",
     "train_only",
 ]

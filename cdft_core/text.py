@@ -7,7 +7,7 @@ line and table looks alike. Imports nothing heavy: the CLI and the registry use 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -70,3 +70,14 @@ def text_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *, numeric
     lines = ["  ".join(cell(i, c, w) for i, (c, w) in enumerate(zip(row, widths, strict=True))) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with mappings, lists and scalars kept and anything else as its ``str``: safe for JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

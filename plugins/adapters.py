@@ -13,7 +13,7 @@ from typing import Any
 
 from cdft_core import UsageError, hookimpl
 
-#: CDTM options (SPEC §2 names: K = centres, L = blocks, r = mlp_ratio) and defaults.
+#: CDTM options (docs/method.md#cdtm names: K = centres, L = blocks, r = mlp_ratio) and defaults.
 CDTM_OPTIONS: dict[str, Any] = {
     "centres": 300,
     "blocks": 1,
@@ -24,7 +24,7 @@ CDTM_OPTIONS: dict[str, Any] = {
 
 
 def build_none(*, dim: int, num_tokens: int, pooled_dim: int | None = None, **options: Any) -> Any:
-    from cdft_core.models.model import PooledAdapter
+    from cdft_core import PooledAdapter
 
     if options:
         raise UsageError(f"adapter 'none' takes no options, got {', '.join(sorted(options))}")
@@ -32,7 +32,7 @@ def build_none(*, dim: int, num_tokens: int, pooled_dim: int | None = None, **op
 
 
 def build_cdtm(*, dim: int, num_tokens: int, pooled_dim: int | None = None, **options: Any) -> Any:
-    from cdft_core.models.cdtm import Cdtm
+    from cdft_core import Cdtm
 
     unknown = sorted(set(options) - set(CDTM_OPTIONS))
     if unknown:

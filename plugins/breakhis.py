@@ -2,7 +2,7 @@
 
 Files are found anywhere under the root by their BreakHis name, e.g.
 ``SOB_M_DC-14-2523-200-001.png`` = procedure SOB, Malignant, type DC, year 14, slide
-``2523``, 200X, image 1 (SPEC §6). The class comes from the type code in the file name,
+``2523``, 200X, image 1 (docs/method.md#breakhis). The class comes from the type code in the file name,
 the patient from the slide id's number with any letter suffix removed
 (``29960AB`` and ``29960CD`` are slides of patient 29960), never from the folder.
 
@@ -17,14 +17,20 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from cdft_core import hookimpl
-from cdft_core.data.folds import stratified_folds, stratified_group_folds
-from cdft_core.data.protocol import BaseDataset, DatasetOption, dataset_metadata
+from cdft_core import (
+    BaseDataset,
+    CdftError,
+    DatasetOption,
+    dataset_metadata,
+    hookimpl,
+    stratified_folds,
+    stratified_group_folds,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from cdft_core.data.root import DataRoot
+    from cdft_core import DataRoot
 
 BENIGN = ("A", "F", "PT", "TA")
 MALIGNANT = ("DC", "LC", "MC", "PC")
@@ -65,12 +71,11 @@ class BreakHis(BaseDataset):
     name = "breakhis"
     default_folds = 5
     default_protocol = "standard"
+    group_column = "patient"  # reported (the leakage line) for both split rules
 
     def __init__(self, task: str = "malignant-subtype", magnification: str = "200X", split: str = "patient") -> None:
         self.task, self.magnification, self.split = task, magnification, split
         self.classes = TASKS[task]
-        # the patient column is reported (leakage line) for both split rules
-        self.group_column = "patient"
 
     def label_of(self, kind: str, type_code: str) -> int | None:
         """The label of an image for this task, ``None`` when the task leaves it out."""
@@ -107,8 +112,6 @@ class BreakHis(BaseDataset):
                 }
             )
         if not rows:
-            from cdft_core.errors import CdftError
-
             if named == 0:
                 raise CdftError(
                     f"no BreakHis images (SOB_<B|M>_<type>-<year>-<slide>-<mag>-<seq>.png) under {root.url}; "
@@ -138,11 +141,9 @@ def register_datasets(register):
         make_breakhis,
         description="BreakHis v1 breast histology, 4 magnifications; patient-level folds by default",
         metadata=dataset_metadata(
+            BreakHis,
             classes={task: list(names) for task, names in TASKS.items()},
             options=OPTIONS,
-            default_protocol="standard",
-            default_folds=5,
-            group_column="patient",
             layout="BreaKHis_v1/histology_slides/breast/{benign,malignant}/SOB/<type>/<slide>/<mag>X/<file>.png",
         ),
     )

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cdft_core import hookimpl
-from cdft_core.data.protocol import BaseDataset, DatasetOption, dataset_metadata, split_names
+from cdft_core import BaseDataset, DatasetOption, UsageError, dataset_metadata, hookimpl, read_split_file, split_names
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from cdft_core.data.root import DataRoot
+    from cdft_core import DataRoot
 
 OPTIONS = (
     DatasetOption(
@@ -50,9 +49,6 @@ class CsvDataset(BaseDataset):
         self.classes = tuple(split_names(classes) or ())
 
     def scan(self, root: DataRoot) -> pd.DataFrame:
-        from cdft_core.data.tables import read_split_file
-        from cdft_core.errors import UsageError
-
         what = f"--table {self.table!r}"
         advice = "write that CSV (image_path,label[,group][,class_name]) or name yours with --table"
         if "://" in self.table or self.table.startswith("/"):
@@ -80,10 +76,8 @@ def register_datasets(register):
         make_csv,
         description="Your images listed by a CSV (image_path,label[,group][,class_name])",
         metadata=dataset_metadata(
+            CsvDataset,
             classes="from --classes, else the CSV's class_name column, else the label numbers",
             options=OPTIONS,
-            default_protocol="standard",
-            default_folds=5,
-            group_column="group",
         ),
     )

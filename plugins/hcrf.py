@@ -21,16 +21,14 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from cdft_core import hookimpl
-from cdft_core.data.protocol import BaseDataset, DatasetOption, dataset_metadata
+from cdft_core import IMAGE_EXTENSIONS, BaseDataset, CdftError, DatasetOption, UsageError, dataset_metadata, hookimpl
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from cdft_core.data.root import DataRoot
+    from cdft_core import DataRoot
 
 CLASSES = ("normal", "abnormal")
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MASK_WORD = re.compile(r"(?:^|[\s_.\-])(?:gt|masks?|ground[\s_\-]?truth)(?:$|[\s_.\-])", re.IGNORECASE)
 
 OPTIONS = (
@@ -58,8 +56,6 @@ class HCRF(BaseDataset):
     def __init__(self, normal: str = "normal", abnormal: str = "abnormal") -> None:
         self.folders = {normal.lower(): 0, abnormal.lower(): 1}
         if len(self.folders) != 2:
-            from cdft_core.errors import UsageError
-
             raise UsageError(
                 f"--normal and --abnormal name the same folder {normal!r}; give two different folder names"
             )
@@ -68,7 +64,7 @@ class HCRF(BaseDataset):
         import pandas as pd
 
         rows: list[dict[str, Any]] = []
-        for path in root.files(extensions=EXTENSIONS):
+        for path in root.files(extensions=IMAGE_EXTENSIONS):
             parts = path.split("/")
             # the nearest class folder above the file
             hits = [i for i, part in enumerate(parts[:-1]) if part.lower() in self.folders]
@@ -77,8 +73,6 @@ class HCRF(BaseDataset):
             label = self.folders[parts[hits[-1]].lower()]
             rows.append({"image_path": path, "label": label, "class_name": CLASSES[label]})
         if not rows:
-            from cdft_core.errors import CdftError
-
             names = " and ".join(repr(n) for n in self.folders)
             raise CdftError(
                 f"no HCRF images (png, jpg, tif) in folders named {names} under {root.url}; "
@@ -98,10 +92,8 @@ def register_datasets(register):
         make_hcrf,
         description="HCRF gastric histology, normal vs abnormal; the paper's low-data protocol",
         metadata=dataset_metadata(
-            classes=list(CLASSES),
+            HCRF,
             options=OPTIONS,
-            default_protocol="low-data",
-            default_folds=4,
             layout="<root>/**/{normal,abnormal}/**/<image>.{png,jpg,tif}; ground-truth masks (gt, mask) skipped",
         ),
     )

@@ -13,13 +13,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cdft_core import hookimpl
-from cdft_core.data.protocol import BaseDataset, DatasetOption, class_names_from_table, dataset_metadata, split_names
+from cdft_core import (
+    IMAGE_EXTENSIONS,
+    BaseDataset,
+    CdftError,
+    DatasetOption,
+    UsageError,
+    class_names_from_table,
+    dataset_metadata,
+    hookimpl,
+    split_names,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from cdft_core.data.root import DataRoot
+    from cdft_core import DataRoot
 
 OPTIONS = (DatasetOption("classes", "class folders to use, in label order, comma-separated (default: all, sorted)"),)
 
@@ -43,8 +52,6 @@ class ImageFolder(BaseDataset):
     def scan(self, root: DataRoot) -> pd.DataFrame:
         import pandas as pd
 
-        from cdft_core.data.root import IMAGE_EXTENSIONS
-        from cdft_core.errors import CdftError, UsageError
 
         by_folder: dict[str, list[str]] = {}
         for path in root.files(extensions=IMAGE_EXTENSIONS):
@@ -77,9 +84,6 @@ def register_datasets(register):
         make_imagefolder,
         description="Your images in one folder per class (ROOT/<class>/...)",
         metadata=dataset_metadata(
-            classes="the class folder names, sorted (or --classes a,b,c)",
-            options=OPTIONS,
-            default_protocol="standard",
-            default_folds=5,
+            ImageFolder, classes="the class folder names, sorted (or --classes a,b,c)", options=OPTIONS
         ),
     )

@@ -106,8 +106,14 @@ def build(
     """The backbone factory: the visual trunk of open_clip ``model``, weights of ``tag``."""
     import open_clip
 
-    from cdft_core.models.backbone import TimmBackbone, hub_filenames, load_backbone_weights, timm_family
-    from cdft_core.models.weights import read_state_dict, resolve_hub_file
+    from cdft_core import (
+        TimmBackbone,
+        hub_filenames,
+        load_backbone_weights,
+        read_state_dict,
+        resolve_hub_file,
+        timm_family,
+    )
 
     name = canonical_name(model, tag)
     trunk_name = _timm_trunk_name(model)
@@ -177,7 +183,7 @@ def claim(name: str) -> dict[str, Any] | None:
         trunk = _timm_trunk_name(model)
         if trunk is None:
             raise UsageError(f"open_clip model {model!r} has no timm trunk; cdft supports open_clip towers built on timm")
-        from cdft_core.models.backbone import timm_family
+        from cdft_core import timm_family
 
         family, pretraining, description = timm_family(trunk), f"open_clip tag {tag}", f"open_clip {model} {tag} (timm trunk {trunk})"
     return {

@@ -1,7 +1,7 @@
-"""The built-in fine-tuning strategies of the paper (SPEC §4): linear, full, frt, staged.
+"""The built-in fine-tuning strategies of the paper (docs/method.md#strategies): linear, full, frt, staged.
 
 Registered through the same hook and ``register`` callable a third-party plugin uses
-(see docs/strategies.md for one). Each factory returns a :class:`cdft_core.strategy.Strategy`;
+(see docs/strategies.md for one). Each factory returns a :class:`cdft_core.Strategy`;
 ``--strategy-option KEY=VALUE`` values arrive as keyword arguments (strings from the CLI).
 """
 
@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from cdft_core import hookimpl
-from cdft_core.errors import UsageError
-from cdft_core.strategy import TRAINABLE, Stage, Strategy, parse_option, train_all, train_only
+from cdft_core import (
+    TRAINABLE,
+    Stage,
+    Strategy,
+    UsageError,
+    hookimpl,
+    parse_option,
+    strategy_metadata,
+    train_all,
+    train_only,
+)
 
 #: The settings of the single trainable label of the built-ins: the run's learning rate.
 _PLAIN = {TRAINABLE: {"lr_scale": 1.0}}
@@ -76,28 +84,27 @@ def register_strategies(register):
         "linear",
         linear,
         description="Linear probe: train the head only, backbone frozen (default adapter none).",
-        metadata={"default_adapter": "none", "stages": ["linear"], "trains": "head", "options": []},
+        metadata=strategy_metadata(linear(), trains="head"),
     )
     register(
         "full",
         full,
         description="Full fine-tuning: train every parameter (default adapter none).",
-        metadata={"default_adapter": "none", "stages": ["full"], "trains": "everything", "options": []},
+        metadata=strategy_metadata(full(), trains="everything"),
     )
     register(
         "frt",
         frt,
         description="Frozen backbone; train the adapter and the head (default adapter cdtm).",
-        metadata={"default_adapter": "cdtm", "stages": ["frt"], "trains": "adapter, head", "options": []},
+        metadata=strategy_metadata(frt(), trains="adapter, head"),
     )
     register(
         "staged",
         staged,
         description="Two stages in one run: frt, then everything from its best weights at lr x 0.1.",
-        metadata={
-            "default_adapter": "cdtm",
-            "stages": ["frt", "full"],
-            "trains": "adapter, head; then everything",
-            "options": ["stage_epochs=E or E1,E2 (default: the run's epochs each)", "lr_factor=0.1"],
-        },
+        metadata=strategy_metadata(
+            staged(),
+            trains="adapter, head; then everything",
+            options=["stage_epochs=E or E1,E2 (default: the run's epochs each)", "lr_factor=0.1"],
+        ),
     )

@@ -1,6 +1,6 @@
 """Built-in plugin: the paper's timm backbones by name, and every other timm model on demand.
 
-The five timm rows of SPEC §7 are registered with their family and pretraining source;
+The five timm rows of docs/method.md#backbones are registered with their family and pretraining source;
 their data config (mean, std, input size, interpolation) comes from timm's pretrained
 cfg, computed only when read (``cdft_core.Lazy``) so that ``cdft list`` never imports
 timm. Any other timm name (``convnext_small.fb_in22k``, a bare ``vit_small_patch16_224``
@@ -37,20 +37,20 @@ PAPER_ROWS: dict[str, tuple[str, str, str]] = {
 
 def build(name: str, **options: Any) -> Any:
     """The backbone factory: ``build(name, pretrained=..., weights=..., image_size=..., grad_checkpointing=...)``."""
-    from cdft_core.models.backbone import build_timm_backbone
+    from cdft_core import build_timm_backbone
 
     return build_timm_backbone(name, **options)
 
 
 def data_config(name: str) -> dict[str, Any]:
-    from cdft_core.models.backbone import timm_data_config
+    from cdft_core import timm_data_config
 
     return timm_data_config(name)
 
 
 def claim(name: str) -> dict[str, Any] | None:
     """Any timm model name; a bare architecture resolves to its default pretrained tag."""
-    from cdft_core.models.backbone import canonical_timm_name, timm_family
+    from cdft_core import canonical_timm_name, timm_family
 
     canonical = canonical_timm_name(name)
     if canonical is None:

@@ -1,4 +1,4 @@
-"""CDTM: equal to a naive SPEC §2 implementation (expanded B×K×N×N sum), outputs and gradients."""
+"""CDTM: equal to a naive implementation of docs/method.md#cdtm (expanded B×K×N×N sum), outputs and gradients."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from cdft_core.errors import CdftError
-from cdft_core.models.cdtm import Cdtm
+from cdft_core.models.adapters import Cdtm
 
 
 def naive_cdtm(params: dict[str, torch.Tensor], x: torch.Tensor, blocks: int) -> torch.Tensor:
-    """SPEC §2 written out literally, with the reference's expanded B×K×N×N tensor."""
+    """docs/method.md#cdtm written out literally, with the reference's expanded B×K×N×N tensor."""
 
     def ln(t, prefix):
         return F.layer_norm(t, t.shape[-1:], params[prefix + ".weight"], params[prefix + ".bias"], 1e-5)
@@ -92,7 +92,7 @@ def test_cdtm_defaults_and_parameter_names():
 
 
 def test_cdtm_vit_b_parameter_count():
-    """SPEC §2: ≈17 M parameters at ViT-B (C=768, N=196), of which T is 300·196·196."""
+    """docs/method.md#cdtm: ≈17 M parameters at ViT-B (C=768, N=196), of which T is 300·196·196."""
     module = Cdtm(768, 196)
     total = sum(p.numel() for p in module.parameters())
     assert module.blocks[0].mixing.numel() == 300 * 196 * 196

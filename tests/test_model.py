@@ -10,8 +10,8 @@ from torch import nn
 
 from cdft_core import hookimpl
 from cdft_core.errors import CdftError, UsageError
-from cdft_core.models.cdtm import Cdtm
-from cdft_core.models.model import CdftModel, PooledAdapter, build_model, model_from_spec
+from cdft_core.models.adapters import Cdtm, PooledAdapter
+from cdft_core.models.model import CdftModel, build_model, model_from_spec
 from cdft_core.registry import get_registry, load_registry
 
 

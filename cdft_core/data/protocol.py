@@ -62,22 +62,25 @@ class DatasetOption:
 
 
 def dataset_metadata(
+    dataset: type,
     *,
-    classes: Sequence[str] | Mapping[str, Sequence[str]] | str,
+    classes: Sequence[str] | Mapping[str, Sequence[str]] | str | None = None,
     options: Sequence[DatasetOption] = (),
-    default_protocol: str = "standard",
-    default_folds: int = 5,
-    protocols: Mapping[str, FoldProtocol] = PROTOCOLS,
-    group_column: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """The registration metadata of a dataset, in the shape cdft reads back.
+    """The registration metadata of a dataset class, in the shape cdft reads back.
 
-    ``classes``: the class names in label order, or ``{task: [...]}`` when an option picks
-    the task, or a sentence when the data decides (the generic ``csv`` dataset).
+    The folds, protocols and group column are read from the class (``default_folds``,
+    ``default_protocol``, ``protocols``, ``group_column``): they are stated once, there.
+    ``classes``: by default the class's ``classes``; pass ``{task: [...]}`` when an option
+    picks the task, or a sentence when the data decides (the generic ``csv`` dataset).
+    ``extra`` keys (e.g. ``layout``) are shown by ``cdft show dataset``.
     """
-    if default_protocol not in protocols:
-        raise ValueError(f"default_protocol {default_protocol!r} is not one of {sorted(protocols)}")
+    protocols: Mapping[str, FoldProtocol] = dataset.protocols
+    if dataset.default_protocol not in protocols:
+        raise ValueError(f"{dataset.__name__}.default_protocol {dataset.default_protocol!r} is not one of {sorted(protocols)}")
+    if classes is None:
+        classes = tuple(dataset.classes) or "from the data"
     classes_json: Any = (
         classes
         if isinstance(classes, str)
@@ -85,10 +88,10 @@ def dataset_metadata(
     )
     return {
         "classes": classes_json,
-        "default_protocol": default_protocol,
+        "default_protocol": dataset.default_protocol,
         "protocols": {name: p.description for name, p in protocols.items()},
-        "default_folds": int(default_folds),
-        "group_column": group_column,
+        "default_folds": int(dataset.default_folds),
+        "group_column": dataset.group_column,
         "options": {o.name: o.to_json() for o in options},
         **extra,
     }
@@ -99,7 +102,7 @@ class Dataset(Protocol):
     """What a dataset factory returns. cdft calls these, in this order:
 
     ``scan(root)``
-        List the images under a :class:`~cdft_core.data.images.DataRoot` and return a
+        List the images under a :class:`~cdft_core.data.root.DataRoot` and return a
         ``pandas.DataFrame`` with ``image_path`` (relative to the root, ``/``-separated),
         ``label`` (int, index into the classes) and any extra columns worth keeping
         (e.g. ``patient``). Rows of other classes or options (a magnification filter) are

@@ -1,6 +1,6 @@
 """Small synthetic datasets in the real folder layouts, for tests and ``cdft demo``.
 
-:func:`make_synthetic_breakhis` writes the BreakHis v1 tree (SPEC §6) with the real
+:func:`make_synthetic_breakhis` writes the BreakHis v1 tree (docs/method.md#breakhis) with the real
 folder and file naming, all 8 tumour types, all 4 magnifications and several patients
 per type, plus the two traps of the real data:
 

@@ -2,9 +2,9 @@
 
 Everything about preprocessing comes from the backbone's data config (image size,
 interpolation, mean, std); nothing is hard-coded, because the reference normalised every
-backbone with CLIP's statistics, which is wrong for ImageNet-21k weights (SPEC §5).
+backbone with CLIP's statistics, which is wrong for ImageNet-21k weights (docs/method.md#recipe).
 
-The train pipeline restates SPEC §5 with torchvision.transforms.v2:
+The train pipeline restates docs/method.md#recipe with torchvision.transforms.v2:
 
 =======================================  ==============================================
 paper (albumentations)                   here

@@ -4,7 +4,7 @@ Parameter names are part of the checkpoint format and stay stable:
 
 - ``backbone.model.<timm name>``: the timm model (for open_clip rows, the visual trunk);
 - ``adapter.<name>``: the adapter's own parameters (``none`` has none; CDTM's are listed in
-  :mod:`cdft_core.models.cdtm`);
+  :mod:`cdft_core.models.adapters`);
 - ``head.weight``, ``head.bias``: ``Linear(adapter.out_dim → num_classes)``.
 
 ``model.spec`` is a JSON-safe description from which :func:`model_from_spec` rebuilds the
@@ -30,24 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from cdft_core.errors import CdftError, UsageError
-from cdft_core.registry import get_registry, jsonable
-from cdft_core.text import parse_bool
+from cdft_core.registry import get_registry
+from cdft_core.text import jsonable, parse_bool
 
 #: Version of the ``spec`` layout; :func:`model_from_spec` refuses newer ones.
 SPEC_FORMAT = 1
 
 DATA_CONFIG_KEYS = ("input_size", "mean", "std", "interpolation")
-
-
-class PooledAdapter(nn.Module):
-    """The ``none`` adapter: pass the backbone's pooled features to the head (no parameters)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.out_dim = int(dim)
-
-    def forward(self, tokens: Tensor | None, pooled: Tensor) -> Tensor:
-        return pooled
 
 
 class CdftModel(nn.Module):

@@ -1,6 +1,6 @@
 """Classification metrics on a whole evaluation set, computed once with scikit-learn.
 
-The engine gathers every prediction from every process first (SPEC §8), so these numbers
+The engine gathers every prediction from every process first (docs/method.md#distributed-evaluation), so these numbers
 do not depend on the number of processes. Two F1 figures are reported on purpose:
 
 - ``f1_macro``: the standard mean of per-class F1 scores;

@@ -8,8 +8,7 @@ does the rest (patient-grouped folds, validation, ``cdft prepare``, ``cdft run``
 
 from __future__ import annotations
 
-from cdft_core import hookimpl
-from cdft_core.data.protocol import BaseDataset, DatasetOption, dataset_metadata
+from cdft_core import BaseDataset, DatasetOption, dataset_metadata, hookimpl
 
 CLASSES = ("stroma", "tumour")
 OPTIONS = (
@@ -46,5 +45,5 @@ def register_datasets(register):
         "example-tiles",
         ExampleTiles,
         description="Example plugin: tiles named <patient>_<class>_<n>.png (stroma / tumour)",
-        metadata=dataset_metadata(classes=CLASSES, options=OPTIONS, default_folds=3, group_column="patient"),
+        metadata=dataset_metadata(ExampleTiles, options=OPTIONS),
     )

@@ -1,6 +1,10 @@
-"""The Cross-Domain Transfer Module (CDTM), SPEC §2, in its memory-efficient form.
+"""The adapters between the backbone and the head: :class:`PooledAdapter` (``none``) and
+the Cross-Domain Transfer Module (docs/method.md#cdtm) in its memory-efficient form.
 
-Each block mixes the tokens with a matrix chosen per image: a softmax over the cosine
+An adapter's ``forward(tokens, pooled)`` maps the backbone's tokens (B×N×C) and pooled
+features to the head's input, ``out_dim`` wide.
+
+CDTM: each block mixes the tokens with a matrix chosen per image: a softmax over the cosine
 similarity between the image's mean token and K learnable centres weights K learnable
 N×N token-mixing matrices. The reference expands the weights to a B×K×N×N tensor and
 sums over K (46 MB per image at ViT-B shape); here the same mixture is one matrix
@@ -21,6 +25,17 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cdft_core.errors import CdftError, UsageError
+
+
+class PooledAdapter(nn.Module):
+    """The ``none`` adapter: pass the backbone's pooled features to the head (no parameters)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.out_dim = int(dim)
+
+    def forward(self, tokens: Tensor | None, pooled: Tensor) -> Tensor:
+        return pooled
 
 
 class Mlp(nn.Module):
@@ -44,7 +59,7 @@ class CdtmBlock(nn.Module):
         self.num_tokens = num_tokens
         self.num_centres = centres
         self.norm1 = nn.LayerNorm(dim)
-        # Standard-normal initialisation of centres and mixing matrices, as in SPEC §2.
+        # Standard-normal initialisation of centres and mixing matrices, as in docs/method.md#cdtm.
         self.centres = nn.Parameter(torch.randn(dim, centres))
         self.mixing = nn.Parameter(torch.randn(centres, num_tokens, num_tokens))
         self.proj = nn.Linear(dim, dim)
