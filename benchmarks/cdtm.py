@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from cdft_core.models.cdtm import Cdtm
+from cdft_core.models.adapters import Cdtm
 
 SHAPES = {
     "vit_b": {"B": 8, "N": 196, "C": 768, "K": 300},
