@@ -63,7 +63,7 @@ LOW_DATA = FoldProtocol(
     "the HCRF paper's protocol: train = the fold named test_fold only; val = val_fold; test = every other fold",
     _low_data,
 )
-#: The protocols every :class:`~cdft_core.data.datasets.BaseDataset` offers.
+#: The protocols every :class:`~cdft_core.data.protocol.BaseDataset` offers.
 PROTOCOLS: dict[str, FoldProtocol] = {p.name: p for p in (STANDARD, LOW_DATA)}
 
 

@@ -73,7 +73,7 @@ def prepare_with_summary(
     decode_check: int | None = DECODE_CHECK,
     duplicates: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """:func:`prepare`, plus the report ``cdft prepare`` prints (see :func:`~cdft_core.data.folds.summarise`).
+    """:func:`prepare`, plus the report ``cdft prepare`` prints (see :func:`~cdft_core.data.report.summarise`).
 
     ``duplicates``: look for byte-identical images (reads only files of equal size).
     """
