@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -69,6 +70,7 @@ class RunConfig:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (with a grad scaler)"})
     num_workers: int = field(default=4, metadata={"help": "data-loading worker processes per training process"})
     dist_timeout: float = field(default=1800.0, metadata={"help": "seconds a collective may wait before the job fails"})
+    sync_batchnorm: bool = field(default=False, metadata={"help": "BatchNorm statistics over all processes' batches (CUDA, several processes)"})
     # -- output ------------------------------------------------------------------------
     output: str | None = field(default=None, metadata={"help": "the run directory (local path or fsspec URL); must not hold results"})
     runs_dir: str = field(default="runs", metadata={"help": "parent of automatically named run directories"})
@@ -122,6 +124,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if name in _DICT_FIELDS:
         if not isinstance(value, Mapping):
             raise UsageError(f"{source}: {name} must be a mapping of KEY: VALUE, got {value!r}")
+        for key, item in value.items():
+            if _non_finite(item):
+                raise UsageError(f"{source}: {name} {key}={item!r} is not a finite number")
         if name == "dataset_options":
             return {str(k): str(v) for k, v in value.items()}
         return {str(k): v for k, v in value.items()}
@@ -137,12 +142,25 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         try:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UsageError(f"{source}: {name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise UsageError(f"{source}: {name} must be a finite number, got {value!r}")
+        return number
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise UsageError(f"{source}: {name} must be a string, got {value!r}")
     return str(value)
+
+
+def _non_finite(value: Any) -> bool:
+    """``inf``, ``-inf``, ``nan`` (as floats or as the strings that float() reads as them)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    try:
+        return not math.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 def _is_int(value: Any) -> bool:

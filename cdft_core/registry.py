@@ -18,8 +18,9 @@ import fnmatch
 import importlib
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -143,22 +144,14 @@ class PluginInfo:
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "distribution": self.distribution,
-            "version": self.version,
-            "builtin": self.builtin,
-            "hooks": self.hooks,
-            "status": self.status,
-            "error": self.error,
-        }
+        return asdict(self)
 
 
 class Registrar:
     """The ``register`` callable handed to a hook; records registrations for one plugin.
 
-    Registrations are staged and committed only when the hook returns, so a hook that
-    raises half-way registers nothing.
+    Registrations are staged and committed only when every hook of the plugin has
+    returned, so a plugin with a hook that raises (or clashes) registers nothing.
     """
 
     def __init__(self, kind: str, provider: str) -> None:
@@ -211,13 +204,13 @@ class Registry:
         self.plugins: list[PluginInfo] = []
 
     # -- building -------------------------------------------------------------------
-    def commit(self, registrar: Registrar) -> None:
-        """Add one hook call's registrations; a clash raises and adds none of them."""
+    def stage(self, registrar: Registrar, staged: dict[tuple[str, str], tuple[Component, bool]]) -> None:
+        """Check one hook call's registrations against the registry and ``staged`` (the
+        plugin's earlier hook calls) and add them to ``staged``; a clash raises."""
         table = self.components[registrar.kind]
-        staged: dict[str, tuple[Component, bool]] = {}
         for component, override in registrar.components:
-            existing = staged.get(component.name, (table.get(component.name), self._overrides.get((component.kind, component.name), False)))
-            old, old_override = existing
+            key = (component.kind, component.name)
+            old, old_override = staged.get(key, (table.get(component.name), self._overrides.get(key, False)))
             if old is not None:
                 if override and not old_override:
                     pass  # documented rule: an explicit override wins
@@ -225,15 +218,17 @@ class Registry:
                     continue  # the earlier explicit override stays
                 else:
                     raise PluginError(
-                        f"{component.kind} {component.name!r} is registered by both plugin "
-                        f"{old.provider!r} and plugin {component.provider!r}; rename one, "
-                        f"or pass override=True in the plugin that should win"
-                    )
-            staged[component.name] = (component, override)
-        for name, (component, override) in staged.items():
-            table[name] = component
-            self._overrides[(component.kind, name)] = override
-        self.resolvers[registrar.kind].extend(registrar.resolvers)
+                        f"{component.kind} {component.name!r} is registered by both plugin {old.provider!r} and plugin "
+                        f"{component.provider!r}; rename one, or pass override=True in the plugin that should win")
+            staged[key] = (component, override)
+
+    def commit(self, staged: Mapping[tuple[str, str], tuple[Component, bool]], registrars: Iterable[Registrar]) -> None:
+        """Add what :meth:`stage` checked for one plugin, and the resolvers of its hook calls."""
+        for (kind, name), (component, override) in staged.items():
+            self.components[kind][name] = component
+            self._overrides[(kind, name)] = override
+        for registrar in registrars:
+            self.resolvers[registrar.kind].extend(registrar.resolvers)
 
     # -- queries --------------------------------------------------------------------
     def get(self, kind: str, name: str) -> Component:
@@ -298,6 +293,7 @@ class Registry:
                 known.extend(self._catalogue(resolver))
         except PluginError:
             pass
+        known = [k for k in dict.fromkeys(known) if k != name]  # each name once
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         message = f"unknown {kind} {name!r}"
         if close:
@@ -305,9 +301,9 @@ class Registry:
         else:
             more = " --all" if self.resolvers[kind] else ""
             message += f"; see `cdft list {PLURALS[kind]}{more}`"
-        unavailable = [p for p in self.plugins if p.status == "unavailable"]
-        for info in unavailable:
-            message += f" (plugin {info.name!r} is unavailable: {info.error})"
+        for info in self.plugins:  # only those that may provide this kind (hooks unknown: may)
+            if info.status == "unavailable" and (not info.hooks or HOOKS[kind] in info.hooks):
+                message += f" (plugin {info.name!r} is unavailable: {info.error})"
         return message
 
 
@@ -315,11 +311,13 @@ class Registry:
 _REGISTRY: Registry | None = None
 
 
-def get_registry() -> Registry:
-    """The process-wide registry, built on first use."""
+def get_registry(*, strict: bool | None = None) -> Registry:
+    """The process-wide registry, built on first use. ``strict=False`` (``cdft plugins``,
+    which reports broken plugins) never re-raises; a registry loaded so is not cached."""
     global _REGISTRY
-    if _REGISTRY is None:
-        _REGISTRY = load_registry()
+    if _REGISTRY is None and strict is False:
+        return load_registry(strict=False)
+    _REGISTRY = _REGISTRY or load_registry()
     return _REGISTRY
 
 
@@ -329,16 +327,12 @@ def reset_registry() -> None:
     _REGISTRY = None
 
 
-def load_registry(
-    *,
-    builtins: bool = True,
-    entry_points: bool = True,
-    extra_plugins: Iterable[tuple[str, object]] = (),
-    strict: bool | None = None,
-) -> Registry:
+def load_registry(*, builtins: bool = True, entry_points: bool = True,
+                  extra_plugins: Iterable[tuple[str, object]] = (), strict: bool | None = None) -> Registry:
     """Build a registry: built-in plugins, then entry points, then ``extra_plugins``.
 
-    ``extra_plugins`` are ``(name, module_or_object)`` pairs registered in-process (tests).
+    ``extra_plugins`` are ``(name, module_or_object)`` pairs registered in-process (tests);
+    each replaces an installed entry point of the same name or the same module.
     """
     if strict is None:
         strict = env_flag("CDFT_STRICT_PLUGINS")
@@ -357,6 +351,7 @@ def load_registry(
             candidates.append((info, lambda module=module: importlib.import_module(module)))
     eps = list(importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)) if entry_points else []
     ep_names = {ep.name for ep in eps}
+    extras = list(extra_plugins)
     known = ep_names | (set(BUILTIN_PLUGINS) if builtins else set())
     for label, names, pool in (("CDFT_PLUGINS", only, ep_names), ("CDFT_DISABLE_PLUGINS", disabled, known)):
         missing = sorted((names or set()) - pool)
@@ -366,17 +361,12 @@ def load_registry(
                 f"installed entry-point plugins: {', '.join(sorted(ep_names)) or 'none'}"
             )
     for ep in eps:
-        if only is not None and ep.name not in only:
+        if (only is not None and ep.name not in only) or any(_same_plugin(ep, n, obj) for n, obj in extras):
             continue
         dist = getattr(ep, "dist", None)
-        info = PluginInfo(
-            ep.name,
-            dist.metadata["Name"] if dist is not None else "?",
-            dist.version if dist is not None else "?",
-            builtin=False,
-        )
-        candidates.append((info, ep.load))
-    for name, obj in extra_plugins:
+        dist_name, version = (dist.metadata["Name"], dist.version) if dist is not None else ("?", "?")
+        candidates.append((PluginInfo(ep.name, dist_name, version, builtin=False), ep.load))
+    for name, obj in extras:
         info = PluginInfo(name, getattr(obj, "__name__", type(obj).__name__), "", builtin=False)
         candidates.append((info, lambda obj=obj: obj))
 
@@ -389,31 +379,39 @@ def load_registry(
 
 
 def _load_one(pm: pluggy.PluginManager, registry: Registry, info: PluginInfo, load: Callable[[], object], strict: bool) -> None:
+    """Load one plugin and run its hooks; commit what they register only if all succeed."""
+    where = "while loading"
     try:
         plugin = load()
         pm.register(plugin, name=info.name)
-        info.hooks = sorted(impl.name for impl in _hookcallers(pm, plugin))
+        info.hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+        staged: dict[tuple[str, str], tuple[Component, bool]] = {}
+        registrars: list[Registrar] = []
         for kind in KINDS:
-            hook = getattr(pm.hook, HOOKS[kind])
-            for impl in hook.get_hookimpls():
-                if impl.plugin is not plugin:
-                    continue
-                registrar = Registrar(kind, info.name)
-                kwargs = {arg: registrar for arg in impl.argnames}
-                impl.function(**kwargs)
-                registry.commit(registrar)
+            for impl in getattr(pm.hook, HOOKS[kind]).get_hookimpls():
+                if impl.plugin is plugin:
+                    where, registrar = f"in {HOOKS[kind]}", Registrar(kind, info.name)
+                    impl.function(**{arg: registrar for arg in impl.argnames})
+                    registry.stage(registrar, staged)
+                    registrars.append(registrar)
+        registry.commit(staged, registrars)
     except PluginUnavailable as exc:
         info.status, info.error = "unavailable", one_line(str(exc))
     except Exception as exc:
         info.status = "broken"
         info.error = one_line(f"{type(exc).__name__}: {exc}" if not isinstance(exc, PluginError) else str(exc))
         if strict:
-            raise
+            raise PluginError(f"plugin {info.name!r} failed {where}: {info.error}") from exc
 
 
-def _hookcallers(pm: pluggy.PluginManager, plugin: object) -> list[Any]:
-    callers = pm.get_hookcallers(plugin) or []
-    return list(callers)
+def _same_plugin(ep: Any, name: str, obj: object) -> bool:
+    """Whether the in-process plugin ``(name, obj)`` is the entry point ``ep`` (same name or module)."""
+    if ep.name == name or (not ep.attr and getattr(obj, "__name__", None) == ep.module):
+        return True
+    target = sys.modules.get(ep.module)  # never imports: an object can only come from a loaded module
+    for part in filter(None, (ep.attr or "").split(".")):
+        target = getattr(target, part, None)
+    return target is obj
 
 
 def normalise_kind(kind: str) -> str:
@@ -430,7 +428,6 @@ def _env_list(var: str) -> set[str] | None:
     if raw is None:
         return None
     return {part.strip() for part in raw.split(",") if part.strip()}
-
 
 
 def _natural_key(name: str) -> list[Any]:

@@ -6,9 +6,10 @@ of the parameter names, and says what each trainable label gets (a learning-rate
 Everything else follows from the labels:
 
 - :func:`apply_stage` sets ``requires_grad`` from them — frozen parameters are excluded
-  from autograd, not given zero updates — and marks the model ``backbone_frozen`` when no
-  backbone parameter trains, so the model runs the backbone in eval mode under
-  ``torch.no_grad()`` and stores no activations for it;
+  from autograd, not given zero updates — keeps every module whose parameters are all
+  frozen in eval mode (its BatchNorm statistics do not move either), and marks the model
+  ``backbone_frozen`` when no backbone parameter trains, so the model runs the backbone
+  under ``torch.no_grad()`` and stores no activations for it;
 - :func:`param_groups` builds the optimiser's parameter groups from the trainable labels
   only, so frozen parameters have no gradient and no optimiser state.
 
@@ -27,6 +28,7 @@ This module imports no torch: strategy plugins import it while ``cdft list`` run
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -243,7 +245,21 @@ def apply_stage(model: CdftModel, stage: Stage) -> dict[str, str]:
             param.grad = None
     backbone = [labels[n] for n in labels if _under(n, ("backbone",))]
     model.backbone_frozen = all(label == FROZEN for label in backbone)
+    model.frozen_modules = frozen_modules(model, labels)
     return labels
+
+
+def frozen_modules(model: torch.nn.Module, labels: Mapping[str, str]) -> tuple[str, ...]:
+    """The outermost modules whose parameters are all labelled frozen (modules without
+    parameters of their own or below, such as activations, are left as they are)."""
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(_under(name, (outer,)) for outer in names):
+            continue
+        params = [f"{name}.{p}" for p, _ in module.named_parameters()]
+        if params and all(labels[p] == FROZEN for p in params):
+            names.append(name)
+    return tuple(names)
 
 
 def param_groups(
@@ -251,10 +267,11 @@ def param_groups(
 ) -> list[dict]:
     """Optimiser parameter groups, one per trainable label, in model order.
 
-    Each group carries ``params``, ``param_names``, ``lr`` (= ``lr`` × ``stage.lr_factor``
-    × the label's ``lr_scale``), ``weight_decay`` (× ``weight_decay_scale``), ``label`` and
-    ``lr_scale`` (the group's learning rate relative to the run's: a schedule sets
-    ``group["lr"] = schedule(step) * group["lr_scale"]``). Frozen parameters appear in no
+    Each group carries ``params``, ``param_names``, ``label``, ``lr`` = ``lr`` ×
+    ``stage.lr_factor`` × the label's ``lr_scale``, ``lr_scale`` (that rate relative to the
+    run's ``lr``) and ``weight_decay`` (× ``weight_decay_scale``). The training loop
+    multiplies each group's rate by the schedule factor at every step: the whole
+    learning-rate contract is docs/method.md#learning-rates. Frozen parameters appear in no
     group, so the optimiser keeps no state for them.
     """
     groups: dict[str, dict] = {}
@@ -332,8 +349,10 @@ def parse_option(name: str, value: Any, kind: type = float, *, minimum: float | 
     with a one-line usage error when it does not parse or is below ``minimum``."""
     try:
         parsed = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UsageError(f"strategy option {name}={value!r} is not a valid {kind.__name__}") from None
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        raise UsageError(f"strategy option {name}={value!r} must be a finite number")
     if minimum is not None and parsed < minimum:
         raise UsageError(f"strategy option {name}={value!r} must be at least {minimum}")
     return parsed

@@ -19,8 +19,9 @@ def warn(message: str) -> None:
     click.echo(f"cdft: warning: {message}", err=True)
 
 
-def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], max_width: int = 80) -> str:
-    """A listing table; the last column (descriptions) is cut to ``max_width`` characters."""
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], max_width: int | None = 80) -> str:
+    """A listing table; the last column (descriptions) is cut to ``max_width`` characters
+    (``None``: never cut, for columns that must be read whole, such as load errors)."""
     return text_table(rows, headers, max_width=max_width)
 
 

@@ -11,8 +11,12 @@ from cdft_core.registry import get_registry
 @click.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects.")
 def plugins_command(as_json: bool) -> None:
-    """Show each plugin: distribution, version, hooks, status and load error."""
-    registry = get_registry()
+    """Show each plugin: distribution, version, hooks, status and load error.
+
+    This is the command that diagnoses broken plugins, so it loads them without
+    ``CDFT_STRICT_PLUGINS`` (a broken plugin is shown, not raised) and prints whole errors.
+    """
+    registry = get_registry(strict=False)
     if as_json:
         echo_json([p.to_json() for p in registry.plugins])
         return
@@ -25,4 +29,4 @@ def plugins_command(as_json: bool) -> None:
         )
         for p in registry.plugins
     ]
-    click.echo(table(rows, ("plugin", "distribution", "hooks", "status"), max_width=120))
+    click.echo(table(rows, ("plugin", "distribution", "hooks", "status"), max_width=None))

@@ -146,6 +146,7 @@ def test_summary_and_warnings_on_a_hand_made_table():
         "2 set(s) of byte-identical images, 1 of them across folds (leakage), e.g. a.png = d.png; 1 more in --json",
         "1 image path(s) listed more than once: c.png",
         "class z has no images",
+        "1 of 3 fold(s) lack a class, 1 fold/class pair(s) (no image to validate or test it on there): fold 2 lacks y",
     ]
     table.loc[4, "group"] = "p2"  # p2 now has labels 1 only; make a cross-class group
     table.loc[5, "group"] = "p2"

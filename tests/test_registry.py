@@ -186,3 +186,93 @@ def test_lazy_metadata_is_computed_only_when_read():
     assert comp.metadata["data_config"] == {"mean": (0.5, 0.5, 0.5)}
     assert comp.to_json()["metadata"]["data_config"] == {"mean": [0.5, 0.5, 0.5]}
     assert calls == [1]
+
+
+# -- a plugin registers all or nothing ------------------------------------------------
+def test_a_plugin_whose_later_hook_raises_registers_nothing():
+    def register_strategies(register):
+        register("half-strategy", dict, description="registered before the failure")
+        raise RuntimeError("no strategies today")
+
+    reg = registry_of(
+        ("bad", plugin(register_datasets=datasets("bad-tiles"), register_strategies=register_strategies)),
+        ("good", plugin(register_datasets=datasets("tiles"))),
+    )
+    bad = reg.plugin("bad")
+    assert bad.status == "broken" and bad.error == "RuntimeError: no strategies today"
+    assert bad.hooks == ["register_datasets", "register_strategies"]
+    assert [p.name for p in reg.problems()] == ["bad"]
+    assert [c.name for c in reg.list("datasets")] == ["tiles"]  # bad-tiles was committed by no one
+    for kind, name in (("dataset", "bad-tiles"), ("strategy", "half-strategy")):
+        with pytest.raises(UsageError):
+            reg.get(kind, name)
+
+
+def test_a_clash_in_a_later_hook_drops_the_earlier_hooks_and_resolvers():
+    def register_backbones(register):
+        register.resolver(lambda name: {"factory": dict}, catalogue=lambda: ["anything"])
+
+    reg = registry_of(
+        ("alpha", plugin(register_strategies=lambda register: register("probe", dict))),
+        ("beta", plugin(register_datasets=datasets("beta-tiles"), register_backbones=register_backbones,
+                        register_strategies=lambda register: register("probe", dict))),
+    )
+    assert reg.plugin("beta").status == "broken" and "'alpha'" in reg.plugin("beta").error
+    assert reg.resolvers["backbone"] == [] and reg.list("datasets") == []
+    assert reg.get("strategy", "probe").provider == "alpha"
+
+
+def test_an_unavailable_plugin_registers_nothing_either():
+    def register_backbones(register):
+        raise PluginUnavailable("needs open_clip: pip install 'cdft[open_clip]'")
+
+    reg = registry_of(("clipper", plugin(register_datasets=datasets("clip-tiles"), register_backbones=register_backbones)))
+    assert reg.plugin("clipper").status == "unavailable" and reg.list("datasets") == []
+
+
+def test_strict_mode_names_the_plugin_the_hook_and_the_reason():
+    def register_strategies(register):
+        raise RuntimeError("no strategies\ntoday")
+
+    with pytest.raises(PluginError) as caught:
+        registry_of(
+            ("good", plugin(register_datasets=datasets("tiles"))),
+            ("bad", plugin(register_datasets=datasets("bad-tiles"), register_strategies=register_strategies)),
+            strict=True,
+        )
+    assert str(caught.value) == "plugin 'bad' failed in register_strategies: RuntimeError: no strategies today"
+    with pytest.raises(PluginError, match=r"^plugin 'beta' failed in register_datasets: dataset 'tiles' .*'alpha'"):
+        registry_of(
+            ("alpha", plugin(register_datasets=datasets("tiles"))),
+            ("beta", plugin(register_datasets=datasets("tiles"))),
+            strict=True,
+        )
+
+
+# -- unknown names: each suggestion once, only related notes --------------------------
+def test_unknown_name_suggests_each_name_once():
+    def register_backbones(register):
+        register("net.alpha", dict)
+        register.resolver(lambda name: None, catalogue=lambda: ["net.alpha", "net.alpha", "net.alphb"])
+
+    reg = registry_of(("nets", plugin(register_backbones=register_backbones)))
+    with pytest.raises(UsageError) as caught:
+        reg.get("backbone", "net.alphx")
+    message = str(caught.value)
+    assert message.startswith("unknown backbone 'net.alphx'; did you mean ")
+    assert message.count("'net.alpha'") == 1 and message.count("'net.alphb'") == 1
+
+
+def test_unknown_name_mentions_only_unavailable_plugins_of_its_kind():
+    def register_backbones(register):
+        raise PluginUnavailable("needs open_clip: pip install 'cdft[open_clip]'")
+
+    reg = registry_of(
+        ("clipper", plugin(register_backbones=register_backbones)),
+        ("alpha", plugin(register_datasets=datasets("breakhis"))),
+    )
+    with pytest.raises(UsageError) as caught:
+        reg.get("dataset", "breakhs")
+    assert str(caught.value) == "unknown dataset 'breakhs'; did you mean 'breakhis'?"
+    with pytest.raises(UsageError, match=r"unknown backbone 'zzzz'.*\(plugin 'clipper' is unavailable: needs open_clip"):
+        reg.get("backbone", "zzzz")

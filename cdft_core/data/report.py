@@ -18,6 +18,9 @@ def summarise(
 ) -> dict[str, Any]:
     """Counts per class and per fold, leakage, cross-class groups and duplicate images.
 
+    ``folds_missing_classes`` lists, per fold, the classes (with images elsewhere) that
+    have no image in it: ``[{"fold": 2, "classes": ["y"]}, ...]``, folds in order.
+
     ``duplicates`` lists groups of byte-identical files (paths as in the table).
     The result is JSON-ready (``cdft prepare --json`` prints it as is).
     """
@@ -63,6 +66,14 @@ def summarise(
         duplicate_rows.append({"paths": list(paths), "folds": dup_folds})
 
     sparse = [row["name"] for row in class_rows if 0 < row["images"] < len(folds)]
+    # a fold without a class: validated or tested on that fold, the class has no image, so
+    # the fold's metrics leave it out of their macro averages (docs/method.md#metrics);
+    # classes with no image at all are reported as empty instead
+    missing = []
+    for f in folds:
+        lacking = [row["name"] for row in class_rows if row["images"] > 0 and row["per_fold"][str(f)] == 0]
+        if lacking:
+            missing.append({"fold": f, "classes": lacking})
     repeated = table["image_path"][table["image_path"].duplicated()].unique().tolist()
     return {
         "images": int(len(table)),
@@ -76,6 +87,7 @@ def summarise(
         "duplicates_across_folds": sum(1 for d in duplicate_rows if len(d["folds"]) > 1),
         "sparse_classes": sparse,
         "empty_classes": [row["name"] for row in class_rows if row["images"] == 0],
+        "folds_missing_classes": missing,
         "repeated_rows": repeated,
     }
 
@@ -101,4 +113,19 @@ def warnings_of(summary: Mapping[str, Any], max_listed: int = 3) -> list[str]:
         out.append(f"class {name} has no images")
     for name in summary["sparse_classes"]:
         out.append(f"class {name} has fewer images than folds; some folds have none of it")
+    missing = summary.get("folds_missing_classes") or []
+    if missing:
+        pairs = sum(len(row["classes"]) for row in missing)
+
+        def lacks(row: Mapping[str, Any]) -> str:
+            names = row["classes"]
+            more = f" +{len(names) - max_listed} more" if len(names) > max_listed else ""
+            return f"fold {row['fold']} lacks {', '.join(names[:max_listed])}{more}"
+
+        shown = "; ".join(lacks(row) for row in missing[:max_listed])
+        more = f"; {len(missing) - max_listed} more fold(s) in --json" if len(missing) > max_listed else ""
+        out.append(
+            f"{len(missing)} of {len(summary['folds'])} fold(s) lack a class, {pairs} fold/class pair(s) "
+            f"(no image to validate or test it on there): {shown}{more}"
+        )
     return out

@@ -23,6 +23,7 @@ the backbone's tokens (B×N×C) and pooled features (B×pooled_dim) to B×out_di
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,10 +43,12 @@ DATA_CONFIG_KEYS = ("input_size", "mean", "std", "interpolation")
 class CdftModel(nn.Module):
     """``head(adapter(*backbone.features(x)))``, with an optional frozen backbone.
 
-    ``backbone_frozen = True`` (set by strategies that train only the adapter and head)
-    runs the backbone under ``torch.no_grad()`` — no activation memory, no gradient work —
-    and keeps it in eval mode (dropout, drop-path and norm statistics as at inference)
-    even when ``model.train()`` is called.
+    ``frozen_modules`` (set by :func:`cdft_core.strategy.apply_stage` from a stage's labels)
+    names the modules whose parameters are all frozen: they stay in eval mode (dropout,
+    drop-path and BatchNorm statistics as at inference) even when ``model.train()`` is
+    called, so frozen means frozen for buffers too — also for a stage that trains only part
+    of the backbone. ``backbone_frozen = True`` (no backbone parameter trains) also runs the
+    backbone under ``torch.no_grad()``: no activation memory, no gradient work.
     """
 
     def __init__(
@@ -64,6 +67,16 @@ class CdftModel(nn.Module):
         self.data_config = dict(data_config)
         self.spec = dict(spec)
         self._backbone_frozen = False
+        self._frozen_modules: tuple[str, ...] = ()
+
+    @property
+    def frozen_modules(self) -> tuple[str, ...]:
+        return self._frozen_modules
+
+    @frozen_modules.setter
+    def frozen_modules(self, names: tuple[str, ...]) -> None:
+        self._frozen_modules = tuple(names)
+        self.train(self.training)
 
     @property
     def backbone_frozen(self) -> bool:
@@ -76,8 +89,11 @@ class CdftModel(nn.Module):
 
     def train(self, mode: bool = True) -> CdftModel:
         super().train(mode)
-        if self._backbone_frozen:
-            self.backbone.eval()
+        if mode:
+            for name in self._frozen_modules:
+                self.get_submodule(name).eval()
+            if self._backbone_frozen:
+                self.backbone.eval()
         return self
 
     def features(self, x: Tensor) -> Tensor:
@@ -216,6 +232,8 @@ def _checked_data_config(backbone: Any, name: str) -> dict[str, Any]:
 
 
 def _coerce(value: Any, default: Any, what: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{what} must be a finite number, got {value!r}")
     if default is None or not isinstance(value, str):
         if isinstance(default, bool) and not isinstance(value, bool):
             raise UsageError(f"{what} must be true or false, got {value!r}")
@@ -231,7 +249,10 @@ def _coerce(value: Any, default: Any, what: str) -> Any:
         if isinstance(default, int):
             return int(text)
         if isinstance(default, float):
-            return float(text)
+            number = float(text)
+            if not math.isfinite(number):
+                raise UsageError(f"{what} must be a finite number, got {value!r}")
+            return number
     except ValueError:
         kind = {int: "an integer", float: "a number"}.get(type(default), type(default).__name__)
         raise UsageError(f"{what} must be {kind}, got {value!r}") from None

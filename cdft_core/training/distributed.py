@@ -198,3 +198,17 @@ def unused_parameters(model: torch.nn.Module, images: torch.Tensor, precision: s
         p.grad = None
     model.train(was_training)
     return unused
+
+
+def broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts buffers only at the start of the next forward, so after an epoch each
+    rank's statistics come from its own batches; evaluating then would score N different
+    models. Called before every evaluation and save, it makes the model each rank
+    evaluates exactly the model rank 0 saves.
+    """
+    if not info.distributed:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)

@@ -45,9 +45,17 @@ import torch
 import torch.nn.functional as F
 
 from cdft_core.config import RunConfig, absolute_paths, resolve_device, resolve_precision
-from cdft_core.errors import Interrupted
+from cdft_core.errors import CdftError, Interrupted, UsageError
 from cdft_core.training.checkpoint import restore_rng
-from cdft_core.training.distributed import any_rank, barrier, init_distributed, mean_over_ranks, teardown, wrap_ddp
+from cdft_core.training.distributed import (
+    any_rank,
+    barrier,
+    broadcast_buffers,
+    init_distributed,
+    mean_over_ranks,
+    teardown,
+    wrap_ddp,
+)
 from cdft_core.training.evaluation import autocast, eval_batch_size, evaluate
 from cdft_core.training.faults import step_hook_from_env
 from cdft_core.training.loaders import SeededAugmentation, make_loader, steps_per_epoch, train_order
@@ -55,12 +63,13 @@ from cdft_core.training.log import RunLog, progress_bar
 from cdft_core.training.optimizer import build_optimizer, build_scaler, trainable_count
 from cdft_core.training.preflight import load_run_splits, preflight
 from cdft_core.training.records import (
+    best_weights,
     interrupted_message,
-    previous_best,
     record,
     record_rates,
     save_best,
     save_checkpoint,
+    save_test_result,
     stage_result,
     tag,
     write_logs,
@@ -107,6 +116,9 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
     strategy, adapter = preflight(config)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
+    if config.sync_batchnorm and device != "cuda":
+        raise UsageError("--sync-batchnorm needs CUDA (SyncBatchNorm has no CPU kernel); drop it: on CPU every "
+                         "rank still evaluates and saves rank 0's statistics")
     dist_info = init_distributed(device, config.dist_timeout)
     log = RunLog(dist_info.is_main)
     torch.set_float32_matmul_precision("high")
@@ -119,6 +131,8 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
         adapter_options=config.adapter_options,
     ).to(dist_info.device)
     check_compatible(strategy, model)
+    if config.sync_batchnorm and dist_info.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     rundir, saved, metric_lines = open_run_dir(config, resume, dist_info, log, argv or sys.argv)
     progress = saved.progress if saved is not None else Progress()
@@ -201,21 +215,17 @@ def train_stage(run: Run, index: int) -> None:
         record(run, index, epoch, "train", {"loss": train_loss, "accuracy": train_acc,
                                             "lr": current.optimizer.param_groups[0]["lr"],
                                             "lr_groups": rates(current.optimizer)})
+        broadcast_buffers(model, run.dist)  # every rank evaluates the model rank 0 saves
         val = evaluate(model, run.data.val, run.splits.classes, run.dist, eval_batch_size(config),
                        config.num_workers, run.precision)
         record(run, index, epoch, "val", val)
         is_best = progress.best_accuracy is None or val["accuracy"] >= progress.best_accuracy
         if is_best:
-            test = evaluate(model, run.data.test, run.splits.classes, run.dist, eval_batch_size(config),
-                            config.num_workers, run.precision)
-            record(run, index, epoch, "test", test)
-            progress.best_accuracy, progress.best_epoch = val["accuracy"], epoch + 1
-            progress.best_val, progress.best_test = val, test
+            progress.best_accuracy, progress.best_epoch, progress.best_val = val["accuracy"], epoch + 1, val
         progress.epoch, progress.step, progress.epoch_sums = epoch + 1, 0, {}
         run.log(
             f"stage {index + 1} epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
-            f"val acc {val['accuracy']:.4f} | best val {progress.best_accuracy:.4f} (epoch {progress.best_epoch}), "
-            f"test acc {progress.best_test['accuracy']:.4f}"
+            f"val acc {val['accuracy']:.4f} | best val {progress.best_accuracy:.4f} (epoch {progress.best_epoch})"
         )
         save_checkpoint(run, current.optimizer, current.scaler)
         if is_best:  # after the resume state: a best file is never newer than the state that knows it
@@ -230,12 +240,25 @@ def _stage_epochs(run: Run, index: int) -> int:
 
 
 def _complete_stage(run: Run, index: int, epochs: int) -> None:
-    """Record the stage's result and start the next one (from this stage's best weights if it says so)."""
+    """Evaluate the test split once, with the stage's best-validation weights; record the
+    stage's result and start the next one (from those weights if it says so)."""
+    stages, model = run.strategy.stages, run.model
+    starts_from_best = index + 1 < len(stages) and stages[index + 1].init == "best"
+    current = None if starts_from_best else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_weights(run, index))
+    run.progress.best_test = evaluate(model, run.data.test, run.splits.classes, run.dist,
+                                      eval_batch_size(run.config), run.config.num_workers, run.precision)
+    record(run, index, run.progress.best_epoch - 1, "test", run.progress.best_test)
+    save_test_result(run, index)
+    run.log(f"stage {index + 1} {stages[index].name}: test accuracy {run.progress.best_test['accuracy']:.4f} "
+            f"at the best validation epoch {run.progress.best_epoch}")
     run.progress.stages.append(stage_result(run, index, epochs))
     run.progress.start_stage(index + 1)
-    stages = run.strategy.stages
-    if index + 1 < len(stages) and stages[index + 1].init == "best":
-        run.model.load_state_dict(previous_best(run, index + 1))
+    run.best_weights = None
+    if current is not None:  # the next stage (if any) continues from the last epoch's weights
+        model.load_state_dict(current)
+    elif index + 1 < len(stages):
+        run.log(f"stage {index + 2} starts from stage {index + 1}'s best weights")
 
 
 def train_epoch(run: Run, current: StageRun, epoch: int) -> tuple[float, float]:
@@ -264,6 +287,11 @@ def train_epoch(run: Run, current: StageRun, epoch: int) -> tuple[float, float]:
         with autocast(run.precision, dist_info.device):
             logits = current.model(images)
         loss = F.cross_entropy(logits.float(), labels)
+        if any_rank(not bool(torch.isfinite(loss)), dist_info):
+            raise CdftError(
+                f"the training loss is not finite (nan or inf) at stage {index + 1}, epoch {epoch + 1}, step {step + 1}; "
+                f"try a lower --lr, --precision fp32 or bf16, or check the images for corrupt values"
+            )
         current.optimizer.zero_grad(set_to_none=True)
         if current.scaler is not None:
             current.scaler.scale(loss).backward()

@@ -6,6 +6,10 @@ do not depend on the number of processes. Two F1 figures are reported on purpose
 - ``f1_macro``: the standard mean of per-class F1 scores;
 - ``f1_paper``: ``2PR/(P+R)`` of the macro precision P and macro recall R, the figure
   the paper's tables report. It is not the same number; keep both for comparison.
+
+Macro averages run over the classes present in the evaluated split's true labels only
+(``macro_over``); a class with no image there is shown as absent, never as 0.0
+(see :func:`compute_metrics`).
 """
 
 from __future__ import annotations
@@ -25,18 +29,34 @@ SCALARS: tuple[str, ...] = ("accuracy", "precision_macro", "recall_macro", "f1_m
 def compute_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """Metrics of one evaluation: ``labels`` (n,) ints, ``probs`` (n, k) class probabilities.
 
-    Returns a JSON-safe dict: the scalars in :data:`SCALARS` (``roc_auc`` only for two
-    classes, with class 1 as positive, and only when both classes occur), per-class
-    precision and recall keyed by class name, the confusion matrix (rows: true class,
-    columns: predicted class) and the number of images ``n``.
+    Definition (docs/method.md#metrics), with predictions ``argmax(probs)``:
+
+    - ``accuracy``: the share of images predicted as their true class;
+    - macro averages run over exactly the classes present in the true ``labels``
+      (listed, in class order, as ``macro_over``), whatever the model predicted:
+      ``precision_macro``, ``recall_macro`` and ``f1_macro`` are the plain means of the
+      per-class precision, recall and F1 over those classes (scikit-learn with
+      ``labels=`` the present classes, ``zero_division=0``: a present class never
+      predicted has precision 0). A class absent from the true labels takes no part, so
+      predicting it only counts as a wrong answer for the true class of that image;
+    - ``f1_paper``: :func:`paper_f1` of the same ``precision_macro`` and ``recall_macro``;
+    - ``roc_auc``: only for two classes, with class 1 as positive, and only when both
+      classes occur in the true labels;
+    - ``per_class``: keyed by class name, every class; a class present in the true labels
+      has ``{"present": True, "precision", "recall", "f1", "support"}`` (floats, support
+      > 0); an absent class has ``{"present": False, "precision": None, "recall": None,
+      "f1": None, "support": 0}`` (no images: shown as absent, not as 0.0);
+    - ``confusion_matrix``: rows the true class, columns the predicted class, every
+      class (an absent class is an all-zero row);
+    - ``n``: the number of images. With no images at all the scalars are 0.0 and
+      ``macro_over`` is empty.
+
+    The result is JSON-safe (it goes to ``summary.json`` and ``metrics.jsonl``).
     """
     from sklearn.metrics import (
         accuracy_score,
         confusion_matrix,
-        f1_score,
         precision_recall_fscore_support,
-        precision_score,
-        recall_score,
         roc_auc_score,
     )
 
@@ -46,16 +66,21 @@ def compute_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, class
         raise ValueError(f"probs must be (n, classes) for n={y_true.shape[0]} labels, got {probs.shape}")
     if probs.shape[1] != len(classes):
         raise ValueError(f"probs has {probs.shape[1]} columns for {len(classes)} classes")
+    if y_true.size and (y_true.min() < 0 or y_true.max() >= len(classes)):
+        raise ValueError(f"labels must lie in 0..{len(classes) - 1} for {len(classes)} classes, "
+                         f"got {sorted(set(y_true.tolist()) - set(range(len(classes))))}")
     label_ids = list(range(len(classes)))
+    present = sorted(set(y_true.tolist()))  # the classes the macro averages run over
     y_pred = probs.argmax(axis=1)
-    precision, recall, _, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=label_ids, average=None, zero_division=0
-    )
-    # sklearn's macro averages run over the labels that occur in y_true or y_pred, as in
-    # the reference implementation; per-class values cover every class
-    p_macro = float(precision_score(y_true, y_pred, average="macro", zero_division=0)) if len(y_true) else 0.0
-    r_macro = float(recall_score(y_true, y_pred, average="macro", zero_division=0)) if len(y_true) else 0.0
-    f1_macro = float(f1_score(y_true, y_pred, average="macro", zero_division=0)) if len(y_true) else 0.0
+    if present:
+        precision, recall, f1, support = precision_recall_fscore_support(
+            y_true, y_pred, labels=label_ids, average=None, zero_division=0
+        )
+        macro = precision_recall_fscore_support(y_true, y_pred, labels=present, average="macro", zero_division=0)
+        p_macro, r_macro, f1_macro = (float(v) for v in macro[:3])
+    else:  # no images: sklearn refuses empty input; every class is absent
+        precision = recall = f1 = support = np.zeros(len(classes))
+        p_macro = r_macro = f1_macro = 0.0
     out: dict[str, Any] = {
         "n": int(y_true.shape[0]),
         "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
@@ -63,14 +88,22 @@ def compute_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, class
         "recall_macro": r_macro,
         "f1_macro": f1_macro,
         "f1_paper": paper_f1(p_macro, r_macro),
+        "macro_over": [classes[i] for i in present],
     }
-    if len(classes) == 2 and len(set(y_true.tolist())) == 2:
+    if len(classes) == 2 and len(present) == 2:
         out["roc_auc"] = float(roc_auc_score(y_true, probs[:, 1]))
     out["per_class"] = {
-        name: {"precision": float(precision[i]), "recall": float(recall[i]), "support": int(support[i])}
+        name: (
+            {"present": True, "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+             "support": int(support[i])}
+            if support[i] > 0
+            else {"present": False, "precision": None, "recall": None, "f1": None, "support": 0}
+        )
         for i, name in enumerate(classes)
     }
-    out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=label_ids).tolist()
+    out["confusion_matrix"] = (
+        confusion_matrix(y_true, y_pred, labels=label_ids).tolist() if present else [[0] * len(classes) for _ in classes]
+    )
     return out
 
 
@@ -89,7 +122,10 @@ def scalars(metrics: dict[str, Any]) -> dict[str, float]:
 def format_table(results: dict[str, dict[str, Any]], classes: Sequence[str] | None = None) -> str:
     """A plain text table: one column per evaluation (e.g. ``val``, ``test``), then per-class rows.
 
-    ``results`` maps a column title to a metrics dict from :func:`compute_metrics`.
+    ``results`` maps a column title to a metrics dict from :func:`compute_metrics`. A class
+    with no image in a column's split shows ``absent`` in that column (not 0.0000); when a
+    column's macro averages leave a class out, a ``macro over`` row says how many classes
+    they cover (e.g. ``2/3``).
     """
     titles = list(results)
     rows: list[list[str]] = []
@@ -98,15 +134,28 @@ def format_table(results: dict[str, dict[str, Any]], classes: Sequence[str] | No
             rows.append([key] + [_fmt(m.get(key)) for m in results.values()])
     rows.append(["images"] + [str(m.get("n", "")) for m in results.values()])
     names = list(classes) if classes is not None else _class_names(results)
+    if any(_absent(m, name) for m in results.values() for name in names):
+        rows.append(["macro over"] + [_macro_over(m, names) for m in results.values()])
     for name in names:
         for part in ("precision", "recall"):
-            rows.append([f"{part}[{name}]"] + [_fmt(m.get("per_class", {}).get(name, {}).get(part)) for m in results.values()])
+            cells = [ABSENT if _absent(m, name) else _fmt(m.get("per_class", {}).get(name, {}).get(part))
+                     for m in results.values()]
+            rows.append([f"{part}[{name}]", *cells])
     return text_table(rows, ["metric", *titles], numeric=True)
 
 
 def format_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> str:
-    """The confusion matrix as text (rows: true class, columns: predicted class)."""
-    rows = [[name, *(str(v) for v in row)] for name, row in zip(classes, matrix, strict=True)]
+    """The confusion matrix as text (rows: true class, columns: predicted class).
+
+    A class with no image in the split (an all-zero row) is marked ``(absent)`` and its row
+    shows ``-``; its column still counts the images wrongly predicted as it.
+    """
+    rows = []
+    for name, row in zip(classes, matrix, strict=True):
+        if any(int(v) for v in row):
+            rows.append([name, *(str(v) for v in row)])
+        else:
+            rows.append([f"{name} {ABSENT_MARK}", *("-" for _ in row)])
     return text_table(rows, ["true \\ pred", *classes], numeric=True)
 
 
@@ -121,6 +170,28 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     return f"{float(value):.4f}"
+
+
+#: how tables show a class with no image in the evaluated split
+ABSENT = "absent"
+ABSENT_MARK = "(absent)"
+
+
+def _absent(metrics: dict[str, Any], name: str) -> bool:
+    """Whether class ``name`` had no image in this evaluation (``present`` false, or support 0
+    in a summary written before ``present`` existed); unknown classes are not absent."""
+    entry = metrics.get("per_class", {}).get(name)
+    if not isinstance(entry, dict):
+        return False
+    return entry.get("present") is False or entry.get("support") == 0
+
+
+def _macro_over(metrics: dict[str, Any], names: Sequence[str]) -> str:
+    """``2/3``: the classes the macro averages ran over, of all; ``-`` for a result without
+    ``macro_over`` (written before it existed, when the macros ran over true or predicted classes)."""
+    if "macro_over" not in metrics:
+        return "-"
+    return f"{len(metrics['macro_over'])}/{len(names)}"
 
 
 def _class_names(results: dict[str, dict[str, Any]]) -> list[str]:

@@ -52,34 +52,45 @@ def record_rates(run: Run, index: int, rates: Mapping[str, float]) -> None:
 
 
 def save_best(run: Run, index: int) -> None:
-    """This stage's best-validation weights, metrics and confusion matrix (files: rank 0)."""
+    """This stage's best-validation weights (kept in memory on every rank for the stage's
+    test evaluation) and their file with the validation metrics (rank 0)."""
     progress, stages = run.progress, run.strategy.stages
-    if index + 1 < len(stages) and stages[index + 1].init == "best":
-        # kept in memory on every rank: the next stage starts from it without reading files
-        run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+    run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
     if not run.dist.is_main:
         return
     directory = stage_dir(run, index)
-    classes = run.splits.classes
     save_model(run.rundir, f"{directory}/best.safetensors", run.model.state_dict(), {
-        "cdft_spec": run.model.spec, "cdft_config": run.config.to_dict(), "cdft_classes": classes,
+        "cdft_spec": run.model.spec, "cdft_config": run.config.to_dict(), "cdft_classes": run.splits.classes,
         "cdft_stage": stages[index].name, "cdft_stage_index": index + 1, "cdft_epoch": progress.best_epoch,
     })
-    best = {"stage": stages[index].name, "epoch": progress.best_epoch, "val": progress.best_val, "test": progress.best_test}
-    run.rundir.write_text(f"{directory}/best.json", json.dumps(best, indent=2))
+    _write_best_json(run, index)
+
+
+def save_test_result(run: Run, index: int) -> None:
+    """The stage's test metrics (evaluated once, from its best weights): best.json, the
+    confusion matrix as CSV and in TensorBoard (rank 0)."""
+    if not run.dist.is_main:
+        return
+    progress, classes = run.progress, run.splits.classes
+    _write_best_json(run, index)
     matrix = progress.best_test["confusion_matrix"]
-    run.rundir.write_text(f"{directory}/confusion_matrix.csv", metrics_lib.confusion_csv(matrix, classes))
+    run.rundir.write_text(f"{stage_dir(run, index)}/confusion_matrix.csv", metrics_lib.confusion_csv(matrix, classes))
     run.tb.confusion_matrix(tag(run, index, "test/confusion_matrix"), matrix, classes, progress.global_step)
 
 
-def previous_best(run: Run, index: int) -> dict[str, torch.Tensor]:
-    """The previous stage's best-validation weights: from memory, or (after a resume) its file."""
+def _write_best_json(run: Run, index: int) -> None:
+    p = run.progress
+    best = {"stage": run.strategy.stages[index].name, "epoch": p.best_epoch, "val": p.best_val, "test": p.best_test}
+    run.rundir.write_text(f"{stage_dir(run, index)}/best.json", json.dumps(best, indent=2))
+
+
+def best_weights(run: Run, index: int) -> dict[str, torch.Tensor]:
+    """Stage ``index``'s best-validation weights: from memory, or (after a resume) its file."""
     weights = run.best_weights
     if weights is None:
-        name = f"{stage_dir(run, index - 1)}/best.safetensors"
+        name = f"{stage_dir(run, index)}/best.safetensors"
         weights = read_model(run.rundir.join(name))[0] if run.dist.is_main else None
         weights = broadcast_object(weights, run.dist)
-    run.log(f"stage {index + 1} starts from {stage_dir(run, index - 1)}/best.safetensors")
     return {k: v.to(run.dist.device) for k, v in weights.items()}
 
 

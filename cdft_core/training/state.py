@@ -115,7 +115,7 @@ class Run:
     after_step: StepHook | None = None  # test-only fault injection (cdft_core.training.faults)
     saved_optimizer: dict | None = None  # the interrupted stage's optimizer state, for its builder
     saved_scaler: dict | None = None
-    best_weights: dict | None = None  # the stage's best weights, kept when the next stage starts from them
+    best_weights: dict | None = None  # the stage's best-validation weights (for its test evaluation)
 
     def take_saved(self) -> tuple[dict | None, dict | None]:
         """The saved optimizer and scaler state, once: the stage resumed in gets them, later stages None."""
@@ -171,7 +171,9 @@ def metric_lines_until(rundir: RunDir, progress: Progress) -> list[dict]:
         return []
     lines = [json.loads(line) for line in rundir.read_text("metrics.jsonl").splitlines() if line.strip()]
     done = (progress.stage_index + 1, progress.epoch)
-    return [line for line in lines if (line["stage_index"], line["epoch"]) <= done]
+    # the stage in progress has no test line yet: one there is from a completion that was cut short
+    return [line for line in lines if (line["stage_index"], line["epoch"]) <= done
+            and not (line["split"] == "test" and line["stage_index"] == progress.stage_index + 1)]
 
 
 @dataclass
