@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from cdft_core.errors import PluginError
 from cdft_core.registry import load_registry
 
 
@@ -39,12 +38,7 @@ from cdft_core import hookimpl
 def register_datasets(register):
     register("zz-x-tiles", dict, description="tiles of the plugin under test")
 
-@hookimpl
-def _datasets_of_the_object(register):
-    register("zz-obj-tiles", dict, description="tiles of a plugin object")
-
-PLUGIN = SimpleNamespace(register_datasets=hookimpl(_datasets_of_the_object.__wrapped__)
-                         if hasattr(_datasets_of_the_object, "__wrapped__") else _datasets_of_the_object)
+PLUGIN = SimpleNamespace(register_datasets=hookimpl(lambda register: register("zz-obj-tiles", dict)))
 """
 
 
@@ -55,50 +49,50 @@ def installed(tmp_path, monkeypatch):
     ``y = zz_epx_mod:PLUGIN``; yields the imported module."""
     fake_distribution(tmp_path, "zz-epx", "zz_epx_mod", TILES, "x = zz_epx_mod\ny = zz_epx_mod:PLUGIN")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for var in ("CDFT_PLUGINS", "CDFT_DISABLE_PLUGINS", "CDFT_STRICT_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("CDFT_DISABLE_PLUGINS", raising=False)
     module = importlib.import_module("zz_epx_mod")
     yield module
     sys.modules.pop("zz_epx_mod", None)
 
 
-def load(*extra, only="x"):
-    os.environ["CDFT_PLUGINS"] = only  # the fixture's monkeypatch.delenv restores it
+def load(monkeypatch, *extra, only="x"):
+    """A strict registry of the entry point ``only`` (a clash would raise) and ``extra``."""
+    monkeypatch.setenv("CDFT_PLUGINS", only)
     return load_registry(builtins=False, extra_plugins=list(extra), strict=True)
 
 
-def test_the_entry_point_alone_registers_its_component(installed):
-    reg = load()
+def test_the_entry_point_alone_registers_its_component(installed, monkeypatch):
+    reg = load(monkeypatch)
     assert [p.name for p in reg.plugins] == ["x"] and reg.plugin("x").distribution == "zz-epx"
     assert reg.get("dataset", "zz-x-tiles").provider == "x"
 
 
-def test_extra_plugin_of_the_same_name_and_module_replaces_the_entry_point(installed):
-    reg = load(("x", installed))  # strict: a clash would raise
+def test_extra_plugin_of_the_same_name_and_module_replaces_the_entry_point(installed, monkeypatch):
+    reg = load(monkeypatch, ("x", installed))
     assert [p.name for p in reg.plugins] == ["x"] and not reg.problems()
     assert [c.name for c in reg.list("datasets")] == ["zz-x-tiles"]
     assert reg.get("dataset", "zz-x-tiles").provider == "x"
 
 
-def test_extra_plugin_of_the_same_module_under_another_name_replaces_it(installed):
-    reg = load(("mine", installed))
+def test_extra_plugin_of_the_same_module_under_another_name_replaces_it(installed, monkeypatch):
+    reg = load(monkeypatch, ("mine", installed))
     assert [p.name for p in reg.plugins] == ["mine"] and not reg.problems()
     assert reg.get("dataset", "zz-x-tiles").provider == "mine"
 
 
-def test_extra_plugin_that_is_an_entry_points_object_replaces_it(installed):
-    reg = load(("other", installed.PLUGIN), only="y")
+def test_extra_plugin_that_is_an_entry_points_object_replaces_it(installed, monkeypatch):
+    reg = load(monkeypatch, ("other", installed.PLUGIN), only="y")
     assert [p.name for p in reg.plugins] == ["other"] and not reg.problems()
     assert reg.get("dataset", "zz-obj-tiles").provider == "other"
 
 
-def test_an_unrelated_extra_plugin_leaves_the_entry_point_loaded(installed):
+def test_an_unrelated_extra_plugin_leaves_the_entry_point_loaded(installed, monkeypatch):
     from types import SimpleNamespace
 
     from cdft_core import hookimpl
 
     other = SimpleNamespace(register_strategies=hookimpl(lambda register: register("zz-probe", dict)))
-    reg = load(("other", other))
+    reg = load(monkeypatch, ("other", other))
     assert [p.name for p in reg.plugins] == ["x", "other"] and not reg.problems()
 
 

@@ -28,20 +28,197 @@ def decode_image(data: bytes, name: str = "image") -> torch.Tensor:
 
     Pillow decodes every format the datasets use (PNG, JPEG, TIFF); torchvision's own
     decoders are deprecated since torchvision 0.29 and cannot read TIFF.
+
+    Every mode keeps its range: black stays 0 and the format's full scale becomes 255.
+
+    * ``RGB``, ``L``: as stored. ``L`` (and any greyscale) is repeated into R, G and B.
+    * 16-bit samples (greyscale ``I;16``/``I;16B``/``I``, 16-bit RGB(A) and grey+alpha
+      PNG, 16-bit RGB(A)/CMYK TIFF) are scaled by their bit depth,
+      ``round(value * 255 / (2**bits - 1))``, never clipped at 255 (a 16-bit ramp must not
+      come out white). ``bits`` is the TIFF's BitsPerSample when it has one (a 12-bit TIFF
+      uses 4095; a signed one 2**(bits-1)-1, negatives clip to 0), else 16; a wider
+      integer image (``I`` from a 32-bit TIFF) is taken on the 16-bit scale, the range of
+      the sensors such files hold, and values beyond it clip. Pillow keeps only the high
+      byte of multi-band 16-bit samples (a truncation, not a rounding), so those are
+      decoded a second time for their low bytes.
+    * ``F`` (float TIFF): when no finite value exceeds 1.0 the image is taken as 0..1
+      intensities (the float convention) and scaled by 255; otherwise it is on Pillow's
+      0..255 scale. Either way the result is rounded and clipped to 0..255; NaN is 0.
+    * ``P``: expanded through its palette (with or without transparency).
+    * ``1``: 0 and 255.
+    * ``CMYK`` (JPEG, TIFF): Pillow's ``CMYK``→``RGB`` formula (Adobe-inverted JPEGs
+      are un-inverted on open); embedded ICC profiles are not applied.
+    * Alpha (``RGBA``, ``LA``, ``PA``, a palette's transparency) is discarded, not
+      composited: each pixel keeps the colour it stores. Compositing on black would turn
+      a transparent border or a half-transparent mask into dark tissue-like pixels and
+      make the same slide decode differently with and without its alpha channel. It is
+      also what ``Image.convert("RGB")`` does, so opaque RGBA files decode as before.
     """
-    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise CdftError(f"cannot decode image {name!r}: the file is empty; replace or remove it")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            array = np.asarray(image.convert("RGB"))
+            array = _rgb_array(image, data)
     except UnidentifiedImageError as exc:  # its message is the repr of our BytesIO: say what it means
         raise CdftError(f"cannot decode image {name!r} (not an image format Pillow reads); replace or remove the file") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise CdftError(f"cannot decode image {name!r} ({one_line(exc)}); replace or remove the file") from exc
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _rgb_array(image: Any, data: bytes) -> Any:
+    """An opened (not yet loaded) Pillow image as an ``H×W×3`` ``uint8`` array (rules in
+    :func:`decode_image`); ``data`` is its encoded bytes, for a second decode."""
+    import numpy as np
+    from PIL import Image
+
+    mode = image.mode
+    _native_libtiff_order(image)
+    tiles = list(image.tile or ())  # read before loading, which empties it
+    if mode == "I" or mode.startswith("I;16"):
+        grey = _to_eight_bits(np.asarray(image), _integer_peak(image))
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        scale = 255.0 if finite.size == 0 or float(finite.max()) <= 1.0 else 1.0
+        values = np.nan_to_num(values, nan=0.0) * scale
+        grey = np.clip(np.floor(values + 0.5), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode in ("RGB", "RGBA", "CMYK"):
+        wide = _sixteen_bit_samples(image, data, tiles)
+        if wide is not None:
+            eight = _to_eight_bits(wide, 65535)
+            if mode == "CMYK":
+                cmyk = Image.frombytes("CMYK", (eight.shape[1], eight.shape[0]), eight.tobytes())
+                return np.asarray(cmyk.convert("RGB"))
+            if eight.shape[2] == 1:  # grey (+ alpha, dropped)
+                return np.repeat(eight, 3, axis=2)
+            return eight[..., :3]  # alpha (or padding) dropped
+    if mode in ("P", "PA"):  # via RGBA: Pillow warns on P->RGB when the transparency is per entry
+        return np.asarray(image.convert("RGBA"))[..., :3]
+    return np.asarray(image.convert("RGB"))
+
+
+def _to_eight_bits(values: Any, peak: int) -> Any:
+    """Integer samples on ``0..peak`` as ``uint8``: ``round(v * 255 / peak)``, exact
+    integer arithmetic (``peak`` is odd, so there are no ties); out-of-range values clip."""
+    import numpy as np
+
+    wide = np.clip(values.astype(np.int64), 0, peak)
+    return ((wide * 510 + peak) // (2 * peak)).astype(np.uint8)
+
+
+def _integer_peak(image: Any) -> int:
+    """Full scale of an integer greyscale image: from a TIFF's BitsPerSample and
+    SampleFormat when present, else 16 bits unsigned; never more than 16 bits."""
+    bits, signed = 16, False
+    tags = getattr(image, "tag_v2", None)
+    if tags is not None:
+        declared = tags.get(258)  # BitsPerSample
+        if isinstance(declared, tuple):
+            declared = declared[0] if declared else None
+        if isinstance(declared, int) and 0 < declared <= 16:
+            bits = declared
+            sample_format = tags.get(339)  # SampleFormat: 2 is signed integer
+            if isinstance(sample_format, tuple):
+                sample_format = sample_format[0] if sample_format else None
+            signed = sample_format == 2
+    return 2 ** (bits - 1) - 1 if signed and bits > 1 else 2**bits - 1
+
+
+def _native_libtiff_order(image: Any) -> None:
+    """Read a compressed big-endian signed or float TIFF in native byte order.
+
+    libtiff hands Pillow samples in the machine's byte order; Pillow rewrites the raw
+    mode to say so for ``;16B``/``;16L`` only, so ``I;16BS``, ``I;32BS`` and ``F;32BF``
+    (ImageJ and most Java/Mac writers are big-endian) would come out byte-swapped.
+    """
+    import re
+
+    tiles = list(image.tile or ())
+    if not any(tile[0] == "libtiff" for tile in tiles):
+        return
+    fixed = []
+    for tile in tiles:
+        rawmode = _tile_rawmode(tile)
+        match = re.fullmatch(r"([IF];(?:16|32|64))B([SF])", rawmode or "") if tile[0] == "libtiff" else None
+        fixed.append(_with_rawmode(tile, f"{match[1]}N{match[2]}") if match else tile)
+    image.tile = fixed
+
+
+def _paired_byte_orders() -> dict[str, str]:
+    """Pillow raw modes of 16-bit multi-band samples -> the raw mode that reads the other
+    byte of each sample (``N`` is the machine's order)."""
+    import sys
+
+    native = "L" if sys.byteorder == "little" else "B"
+    other = {"B": "L", "L": "B", "N": "B" if native == "L" else "L"}
+    bases = ("RGB", "RGBA", "RGBX", "CMYK")
+    return {f"{base};16{order}": f"{base};16{swapped}" for base in bases for order, swapped in other.items()}
+
+
+def _sixteen_bit_samples(image: Any, data: bytes, tiles: list[Any]) -> Any:
+    """The full 16-bit samples (``H×W×bands`` integers) of a multi-band 16-bit image,
+    or None when it is not one (or this Pillow cannot read the other byte).
+
+    Pillow stores such images 8 bits a band by keeping each sample's high byte; decoding
+    the file again with the opposite byte order yields the low bytes. A 16-bit grey+alpha
+    PNG is unpacked into RGBA with its high bytes only, so it is decoded again as plain
+    8-bit RGBA, whose four bytes are grey high, grey low, alpha high, alpha low.
+    """
+    import numpy as np
+
+    rawmodes = {_tile_rawmode(tile) for tile in tiles}
+    if len(rawmodes) != 1:
+        return None
+    (rawmode,) = rawmodes
+    if rawmode == "LA;16B":
+        both = _decode_as(data, "RGBA")
+        if both is None:
+            return None
+        both = both.astype(np.uint16)
+        return ((both[..., 0] << 8) | both[..., 1])[..., None]
+    partner = _paired_byte_orders().get(rawmode or "")
+    if partner is None:
+        return None
+    high = np.asarray(image).astype(np.uint16)
+    low = _decode_as(data, partner)
+    if low is None or low.shape != high.shape:
+        return None
+    return (high << 8) | low.astype(np.uint16)
+
+
+def _tile_rawmode(tile: Any) -> str | None:
+    """A Pillow tile's raw mode (``(codec, extents, offset, args)``), None if it has none."""
+    try:
+        args = tile[3]
+    except (IndexError, TypeError):
+        return None
+    if isinstance(args, str):
+        return args
+    return args[0] if isinstance(args, tuple) and args and isinstance(args[0], str) else None
+
+
+def _with_rawmode(tile: Any, rawmode: str) -> Any:
+    args = tile[3]
+    args = rawmode if isinstance(args, str) else (rawmode, *args[1:])
+    return tile._replace(args=args) if hasattr(tile, "_replace") else (*tile[:3], args)
+
+
+def _decode_as(data: bytes, rawmode: str) -> Any:
+    """Decode ``data`` again with every tile's raw mode replaced; None if Pillow cannot."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as again:
+            again.tile = [_with_rawmode(tile, rawmode) for tile in again.tile]
+            return np.asarray(again)
+    except (OSError, ValueError):
+        return None
 
 
 def find_duplicates(root: DataRoot, paths: Sequence[str], sizes: dict[str, int] | None = None) -> list[list[str]]:

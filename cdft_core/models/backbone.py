@@ -142,7 +142,10 @@ class TimmBackbone(nn.Module):
         if size not in self._num_tokens:
             wrapper = _FeaturesOnly(self.model)
             meta = {k: torch.empty_like(v, device="meta") for k, v in wrapper.state_dict(keep_vars=True).items()}
-            x = torch.empty(1, int(self.data_config["input_size"][0]), size, size, device="meta")
+            # a batch of 2 in eval mode: BatchNorm refuses one value per channel in train mode
+            x = torch.empty(2, int(self.data_config["input_size"][0]), size, size, device="meta")
+            was_training = wrapper.training
+            wrapper.eval()
             try:
                 with torch.no_grad():
                     feats = torch.func.functional_call(wrapper, meta, (x,))
@@ -151,6 +154,8 @@ class TimmBackbone(nn.Module):
                     f"backbone {self.name!r} (built for {self.image_size} px) cannot take {size} px images "
                     f"({one_line(exc)}); build it with image_size={size}"
                 ) from exc
+            finally:
+                wrapper.train(was_training)
             self._num_tokens[size] = int(self._to_tokens(feats).shape[1])
         return self._num_tokens[size]
 
