@@ -49,7 +49,8 @@ def test_the_api_is_declared_and_every_name_resolves():
 
 def test_the_api_is_documented():
     text = (REPO / "docs" / "plugins.md").read_text(encoding="utf-8")
-    missing = [name for name in cdft_core.__all__ if f"`{name}`" not in text and name != "__version__"]
+    listed = [name for name in cdft_core.__all__ if f"`{name}`" in text or f"`{name}(" in text]
+    missing = sorted(set(cdft_core.__all__) - set(listed) - {"__version__"})
     assert not missing, f"docs/plugins.md does not list {missing}"
 
 
@@ -78,7 +79,7 @@ def test_no_module_is_over_450_lines():
 def test_nothing_cites_the_spec_outside_the_repository():
     cited = [str(p.relative_to(REPO)) for p in REPO.rglob("*")
              if p.suffix in (".py", ".md", ".yaml") and not {".venv", ".tox", ".git", "build"} & set(p.parts)
-             and "SPEC §" in p.read_text(encoding="utf-8")]
+             and "SPEC" + " §" in p.read_text(encoding="utf-8")]
     assert not cited, cited
 
 

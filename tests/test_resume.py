@@ -37,6 +37,14 @@ def _assert_same_results(run_dir, reference) -> None:
     assert metric_lines(run_dir) == metric_lines(reference)  # every epoch of every stage, exactly
 
 
+def _scalars(run_dir, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [(e.step, round(e.value, 5)) for e in ea.Scalars(tag)]
+
+
 def test_kill_9_mid_epoch_then_resume_matches_uninterrupted(tmp_path_factory, tmp_path):
     reference = staged_run(tmp_path_factory)
     root, split = engine_data(tmp_path_factory)
@@ -66,6 +74,9 @@ def test_kill_9_mid_epoch_then_resume_matches_uninterrupted(tmp_path_factory, tm
     assert code == 0, err
     assert "resuming" in err and "after stage 1, epoch 2" in err
     _assert_same_results(run_dir, reference)
+    # the last completed epoch's events survive the resume (the purge starts after its step)
+    for tag in ("stage1-frt/val/accuracy", "stage2-full/val/accuracy", "stage2-full/train/loss"):
+        assert _scalars(run_dir, tag) == _scalars(reference, tag), tag
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data_root"] == str(moved)
 
 

@@ -137,7 +137,8 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
     rundir, saved, metric_lines = open_run_dir(config, resume, dist_info, log, argv or sys.argv)
     progress = saved.progress if saved is not None else Progress()
     tb = TensorBoardLog(rundir.join("tensorboard"), enabled=dist_info.is_main and config.tensorboard,
-                        purge_step=progress.global_step if resume else None)
+                        # events after the saved state are dropped; those at its step (the last completed epoch's) kept
+                        purge_step=progress.global_step + 1 if resume else None)
     data = RunData(
         train=SeededAugmentation(ImageDataset(splits.root, splits.train, train_transform(model.data_config)), config.seed),
         val=ImageDataset(splits.root, splits.val, eval_transform(model.data_config)),
@@ -154,6 +155,11 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
         f"strategy {strategy.name} ({len(strategy.stages)} stage{'s' if len(strategy.stages) > 1 else ''}), "
         f"{dist_info.world_size} process{'es' if dist_info.distributed else ''} on {device}, {precision}"
     )
+    for name in ("val", "test"):
+        missing = sorted(set(splits.classes) - {splits.classes[i] for i in getattr(splits, name)["label"]})
+        if missing:
+            log(f"warning: the {name} split has no image of {', '.join(missing)}; its macro metrics are over "
+                f"the other classes (docs/method.md#metrics)")
     if saved is not None:
         _settle_resume(run, saved)
     elif tb.enabled and not resume:

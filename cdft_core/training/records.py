@@ -163,7 +163,8 @@ def write_summary(run: Run) -> dict[str, Any] | None:
     hparam_metrics["val_accuracy"] = final["val"]["accuracy"]
     run.tb.hparams({k: v for k, v in run.config.to_dict().items() if k not in ("output", "runs_dir")},
                    hparam_metrics, progress.global_step)
-    run.log(f"done: test accuracy {final['test']['accuracy']:.4f} at stage {final['index']} epoch {final['best_epoch']}")
+    run.log(f"done in {summary['elapsed_s']:.0f} s: test accuracy {final['test']['accuracy']:.4f} at stage "
+            f"{final['index']} epoch {final['best_epoch']}; best checkpoint {run.rundir.join(final['checkpoint'])}")
     write_logs(run)
     run.rundir.write_text("summary.json", json.dumps(summary, indent=2))
     run.rundir.remove(RESUME_DIR)  # a complete run cannot be resumed: drop its optimizer state
