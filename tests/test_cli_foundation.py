@@ -26,13 +26,15 @@ def cdft(*args: str, env: dict | None = None, pythonpath: Path | None = None) ->
     )
 
 
-def fake_distribution(site: Path, dist: str, module: str, source: str, version: str = "1.2.3") -> None:
-    """Install a distribution with a `cdft` entry point the way pip lays it out (dist-info)."""
+def fake_distribution(site: Path, dist: str, module: str, source: str, version: str = "1.2.3", *,
+                      entry_points: str | None = None) -> None:
+    """Install a distribution with ``cdft`` entry points the way pip lays it out (dist-info);
+    by default one entry point named after the distribution, pointing at ``module``."""
     (site / f"{module}.py").write_text(textwrap.dedent(source))
     info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[cdft]\n{dist} = {module}\n")
+    (info / "entry_points.txt").write_text(f"[cdft]\n{entry_points or f'{dist} = {module}'}\n")
 
 
 GOOD = """

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,10 @@ from cdft_core.registry import load_registry
 
 
 def fake_distribution(site: Path, dist: str, module: str, source: str, entry_points: str) -> None:
-    """A distribution laid out the way pip installs it, with ``[cdft]`` entry points."""
-    (site / f"{module}.py").write_text(textwrap.dedent(source))
-    info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[cdft]\n{entry_points}\n")
+    """A distribution with these ``[cdft]`` entry points (the foundation tests' helper)."""
+    from test_cli_foundation import fake_distribution as install
+
+    install(site, dist, module, source, "1.0", entry_points=entry_points)
 
 
 TILES = """
