@@ -218,7 +218,10 @@ def resolve_config(overrides: Mapping[str, Any], *, preset: str | None = None, r
                 f"--resume continues a run with its saved configuration; drop {', '.join(given)} "
                 f"(only {', '.join(_flag(k) for k in RESUME_OVERRIDES)} may change)"
             )
-        saved = open_existing(resume).join("config.yaml")
+        rundir = open_existing(resume)
+        if rundir.exists("summary.json"):  # refused here, before any model or data is touched
+            raise UsageError(f"run {resume!r} is complete (it has summary.json); nothing to resume")
+        saved = rundir.join("config.yaml")
         config = merge(RunConfig(), load_yaml(saved), source=saved)
     else:
         config = merge(RunConfig(), load_yaml(preset) if preset else {}, source=preset or "config")

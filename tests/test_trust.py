@@ -132,3 +132,30 @@ def test_a_non_finite_loss_stops_the_run_with_one_line(tmp_path_factory):
     last = err.strip().splitlines()[-1]
     assert "training loss is not finite" in last and "stage 1, epoch" in last and "--lr" in last
     assert not (out / "summary.json").exists()
+
+
+def test_a_split_file_that_lists_an_image_twice_is_refused(tmp_path_factory, tmp_path):
+    import pandas as pd
+
+    root, split = engine_data(tmp_path_factory)
+    table = pd.read_csv(split)
+    repeated = pd.concat([table, table.iloc[[3]].assign(fold=(table.iloc[3]["fold"] + 1) % 5)], ignore_index=True)
+    bad = tmp_path / "repeated.csv"
+    repeated.to_csv(bad, index=False)
+    args = quick_args(root, str(bad), strategy="linear", epochs=1)
+    code, _, err = invoke(*args, "--output", str(tmp_path / "run"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"lines 5 and {len(table) + 2} list image {table.iloc[3]['image_path']!r} twice" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_a_complete_run_is_refused_before_any_work(tmp_path_factory):
+    import time
+
+    from helpers_engine import staged_run
+
+    run_dir = staged_run(tmp_path_factory)
+    started = time.time()
+    code, _, err = invoke("run", "--resume", str(run_dir))
+    assert code == 2 and "is complete" in err
+    assert time.time() - started < 2

@@ -100,6 +100,7 @@ def check_table(
         return f"{where(idx)}: " if source else ""
 
     table["image_path"] = [root.confine(p, where(i) if source else "") for i, p in enumerate(table["image_path"].tolist())]
+    _refuse_repeats(table, source)
     table["label"] = _integers(table, "label", where)
     if "fold" in table.columns:
         table["fold"] = _integers(table, "fold", where)
@@ -130,6 +131,17 @@ def check_table(
         )
     _decode_sample(table, root, decode_check, at)
     return table
+
+
+def _refuse_repeats(table: pd.DataFrame, source: str) -> None:
+    """An image listed twice (in one fold: double counting; in two: leakage) is refused, naming it."""
+    first: dict[str, int] = {}
+    for idx, path in enumerate(table["image_path"].tolist()):
+        if path not in first:
+            first[path] = idx
+            continue
+        where = f"split file {source} lines {first[path] + 2} and {idx + 2}" if source else "the dataset's table"
+        raise UsageError(f"{where} list image {path!r} twice (leakage or double counting); keep one row per image")
 
 
 def _decode_sample(table: pd.DataFrame, root: DataRoot, count: int | None, at: Callable[[int], str]) -> None:
