@@ -249,8 +249,8 @@ def _complete_stage(run: Run, index: int, epochs: int) -> None:
     """Evaluate the test split once, with the stage's best-validation weights; record the
     stage's result and start the next one (from those weights if it says so)."""
     stages, model = run.strategy.stages, run.model
-    starts_from_best = index + 1 < len(stages) and stages[index + 1].init == "best"
-    current = None if starts_from_best else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    continues = index + 1 < len(stages) and stages[index + 1].init == "start"  # from the last epoch's weights
+    current = {k: v.detach().clone() for k, v in model.state_dict().items()} if continues else None
     model.load_state_dict(best_weights(run, index))
     run.progress.best_test = evaluate(model, run.data.test, run.splits.classes, run.dist,
                                       eval_batch_size(run.config), run.config.num_workers, run.precision)
@@ -261,7 +261,7 @@ def _complete_stage(run: Run, index: int, epochs: int) -> None:
     run.progress.stages.append(stage_result(run, index, epochs))
     run.progress.start_stage(index + 1)
     run.best_weights = None
-    if current is not None:  # the next stage (if any) continues from the last epoch's weights
+    if current is not None:
         model.load_state_dict(current)
     elif index + 1 < len(stages):
         run.log(f"stage {index + 2} starts from stage {index + 1}'s best weights")
