@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cdft_core.errors import UsageError
-from cdft_core.text import parse_bool
+from cdft_core.text import one_line, parse_bool
+from cdft_core.yaml_files import dump_mapping, load_yaml, yaml_value
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -68,9 +69,11 @@ class RunConfig:
     # -- hardware ----------------------------------------------------------------------
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16 (with a grad scaler)"})
-    num_workers: int = field(default=4, metadata={"help": "data-loading worker processes per training process"})
+    num_workers: int | str = field(default="auto", metadata={"help": "data-loading worker processes per training process; auto: the CPUs this process may use, at most 8 (0 with one CPU)"})
     dist_timeout: float = field(default=1800.0, metadata={"help": "seconds a collective may wait before the job fails"})
     sync_batchnorm: bool = field(default=False, metadata={"help": "BatchNorm statistics over all processes' batches (CUDA, several processes)"})
+    cache: bool = field(default=True, metadata={"help": "decode and resize each image once into a memory-mapped cache that later epochs, runs and processes reuse (same results)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "local directory of the image cache; unset: $CDFT_CACHE_DIR, else the user cache dir (~/.cache/cdft)"})
     # -- output ------------------------------------------------------------------------
     output: str | None = field(default=None, metadata={"help": "the run directory (local path or fsspec URL); must not hold results"})
     runs_dir: str = field(default="runs", metadata={"help": "parent of automatically named run directories"})
@@ -105,7 +108,7 @@ def merge(base: RunConfig, overrides: Mapping[str, Any], *, source: str) -> RunC
         if name not in FIELD_NAMES:
             close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else "; see `cdft run --help`"
-            raise UsageError(f"{source}: unknown configuration key {key!r}{hint}")
+            raise UsageError(f"{source}: unknown configuration key {_shown(key)}{hint}")
         values[name] = _coerce(name, value, source)
         if name in _DICT_FIELDS:
             merged = dict(getattr(base, name))
@@ -117,26 +120,28 @@ def merge(base: RunConfig, overrides: Mapping[str, Any], *, source: str) -> RunC
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Check and convert one value to its field's type (YAML gives ints for floats etc.)."""
     kind = _field_type(name)
+    if name == "num_workers":
+        return check_num_workers(value, what=f"{source}: num_workers")
     if value is None:
         if "None" in kind:
             return None
         raise UsageError(f"{source}: {name} must not be empty")
     if name in _DICT_FIELDS:
         if not isinstance(value, Mapping):
-            raise UsageError(f"{source}: {name} must be a mapping of KEY: VALUE, got {value!r}")
+            raise UsageError(f"{source}: {name} must be a mapping of KEY: VALUE, got {_shown(value)}")
         for key, item in value.items():
             if _non_finite(item):
-                raise UsageError(f"{source}: {name} {key}={item!r} is not a finite number")
+                raise UsageError(f"{source}: {name} {key}={_shown(item)} is not a finite number")
         if name == "dataset_options":
             return {str(k): str(v) for k, v in value.items()}
         return {str(k): v for k, v in value.items()}
     if kind.startswith("bool"):
         if not isinstance(value, (bool, str)) or (isinstance(value, str) and not value.strip()):
-            raise UsageError(f"{source}: {name} must be true or false, got {value!r}")
+            raise UsageError(f"{source}: {name} must be true or false, got {_shown(value)}")
         return parse_bool(value, what=f"{source}: {name}")
     if kind.startswith("int"):
         if isinstance(value, bool) or not _is_int(value):
-            raise UsageError(f"{source}: {name} must be an integer, got {value!r}")
+            raise UsageError(f"{source}: {name} must be an integer, got {_shown(value)}")
         return int(value)
     if kind.startswith("float"):
         try:
@@ -144,13 +149,31 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 raise ValueError
             number = float(value)
         except (TypeError, ValueError):
-            raise UsageError(f"{source}: {name} must be a number, got {value!r}") from None
+            raise UsageError(f"{source}: {name} must be a number, got {_shown(value)}") from None
         if not math.isfinite(number):
-            raise UsageError(f"{source}: {name} must be a finite number, got {value!r}")
+            raise UsageError(f"{source}: {name} must be a finite number, got {_shown(value)}")
         return number
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise UsageError(f"{source}: {name} must be a string, got {value!r}")
+        raise UsageError(f"{source}: {name} must be a string, got {_shown(value)}")
     return str(value)
+
+
+def check_num_workers(value: Any, *, what: str = "--num-workers") -> int | str:
+    """``auto`` or a count of loader workers (>= 0); anything else is a usage error.
+
+    ``auto`` is kept as asked (``config.yaml`` records it) and resolved where the loaders
+    are built (:func:`cdft_core.training.loaders.resolve_num_workers`).
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or not _is_int(value) or int(value) < 0:
+        raise UsageError(f"{what} must be auto or a number of worker processes (0, 1, 2...), got {_shown(value)}")
+    return int(value)
+
+
+def _shown(value: Any) -> str:
+    """A value for an error line: its repr, cut short (a YAML file may hold a megabyte of it)."""
+    return one_line(repr(value), 80)
 
 
 def _non_finite(value: Any) -> bool:
@@ -177,28 +200,10 @@ def _is_int(value: Any) -> bool:
     return False
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML preset (``yaml.safe_load``); it must be a mapping of config keys."""
-    import fsspec
-    import yaml
-
-    try:
-        with fsspec.open(path, "r") as handle:
-            data = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise UsageError(f"config file {path!r} not found") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"config file {path!r} is not valid YAML: {' '.join(str(exc).split())}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise UsageError(f"config file {path!r} must be a mapping of configuration keys")
-    return dict(data)
-
-
 #: What a resumed run may change: where the same data now live and how they are loaded;
 #: nothing that changes what is computed.
-RESUME_OVERRIDES: tuple[str, ...] = ("data_root", "split_file", "num_workers", "dist_timeout", "log_every")
+RESUME_OVERRIDES: tuple[str, ...] = ("data_root", "split_file", "num_workers", "dist_timeout", "log_every", "cache",
+                                     "cache_dir")
 
 
 def resolve_config(overrides: Mapping[str, Any], *, preset: str | None = None, resume: str | None = None) -> RunConfig:
@@ -235,16 +240,12 @@ def _flag(key: str) -> str:
 
 
 def dump_yaml(config: RunConfig) -> str:
-    """The resolved configuration as YAML, keys in declaration order."""
-    import yaml
-
-    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
+    """The resolved configuration as YAML, keys in declaration order, without anchors."""
+    return dump_mapping(config.to_dict())
 
 
 def parse_key_values(items: Iterable[str], *, option: str, typed: bool = True) -> dict[str, Any]:
     """``KEY=VALUE`` strings to a dict; values are YAML scalars when ``typed`` (``0.1`` -> float)."""
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -252,10 +253,7 @@ def parse_key_values(items: Iterable[str], *, option: str, typed: bool = True) -
         if not sep or not key:
             raise UsageError(f"{option} expects KEY=VALUE, got {item!r}")
         if typed:
-            try:
-                value = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError:
-                value = raw
+            value = yaml_value(raw, f"{option} {key}")
             if isinstance(value, (dict, list)) and not raw.strip().startswith(("{", "[")):
                 value = raw
         else:
@@ -309,8 +307,7 @@ def validate(config: RunConfig) -> None:
         raise UsageError(f"--warmup-epochs must not be negative, got {config.warmup_epochs}")
     if not 0 < config.warmup_start_factor <= 1:
         raise UsageError(f"--warmup-start-factor must be in (0, 1], got {config.warmup_start_factor}")
-    if config.num_workers < 0:
-        raise UsageError(f"--num-workers must not be negative, got {config.num_workers}")
+    check_num_workers(config.num_workers)
     if not config.dist_timeout > 0:
         raise UsageError(f"--dist-timeout must be positive seconds, got {config.dist_timeout}")
     for name, choices in (("device", DEVICES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
@@ -321,6 +318,9 @@ def validate(config: RunConfig) -> None:
             raise UsageError(f"--{name} {value!r} is not one of {', '.join(choices)}; {hint}".rstrip("; ").rstrip())
     if config.pretrained is False and config.weights:
         raise UsageError("--no-pretrained and --weights contradict each other; drop one")
+    if config.cache_dir and ("://" in config.cache_dir or "::" in config.cache_dir):
+        raise UsageError(f"--cache-dir {config.cache_dir!r} must be a local directory (the image cache is memory-mapped "
+                         f"and locked); drop it or pass a local path")
     _check_exists(config.data_root, "--data-root", "the directory holding the images", directory=True)
     if config.split_file:
         _check_exists(config.split_file, "--split-file", "a CSV written by `cdft prepare`", directory=False)
@@ -329,29 +329,30 @@ def validate(config: RunConfig) -> None:
 
 
 def _check_exists(path: str, option: str, what: str, *, directory: bool) -> None:
-    import fsspec
+    from cdft_core.data.root import open_url
 
+    shown = one_line(path, 120)
+    fs, inner = open_url(path, option)  # archive URLs: missing, not an archive, empty
     try:
-        fs, inner = fsspec.core.url_to_fs(path)
         ok = fs.isdir(inner) if directory else fs.isfile(inner)
-    except (ValueError, ImportError, OSError) as exc:
-        raise UsageError(f"{option} {path!r} cannot be opened: {exc}") from None
+        exists = ok or fs.exists(inner)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{option} {shown!r} cannot be opened: {one_line(exc, 200)}") from None
     if not ok:
         kind = "directory" if directory else "file"
-        exists = os.path.exists(path) if "://" not in path else False
         problem = f"is not a {kind}" if exists else "does not exist"
-        raise UsageError(f"{option} {path!r} {problem}; pass {what}")
+        raise UsageError(f"{option} {shown!r} {problem}; pass {what}")
 
 
 def absolute_paths(config: RunConfig) -> RunConfig:
-    """``config`` with relative local data, split and weight paths made absolute.
+    """``config`` with relative local data, split, weight and output paths made absolute.
 
     The run saves its configuration; ``cdft run --resume`` and ``cdft eval`` read it back,
     maybe from another working directory, where a relative path would point nowhere.
     URLs (``s3://...``, ``zip://...::...``) are left as they are.
     """
     changes = {}
-    for name in ("data_root", "split_file", "weights"):
+    for name in ("data_root", "split_file", "weights", "output", "runs_dir", "cache_dir"):
         value = getattr(config, name)
         if value and "://" not in value and "::" not in value and not os.path.isabs(value):
             changes[name] = os.path.abspath(value)

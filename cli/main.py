@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("cdft_cli.run", "run_command", "Fine-tune a backbone (single process or torchrun-launched)."),
     "eval": ("cdft_cli.eval", "eval_command", "Re-evaluate a saved run or checkpoint."),
     "demo": ("cdft_cli.demo", "demo_command", "Synthetic data + staged fine-tune of a tiny model, end to end on CPU."),
+    "cache": ("cdft_cli.cache_cmd", "cache_command", "Show or free the decoded-image cache (`cdft cache list`, `clear`)."),
 }
 
 

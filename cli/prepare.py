@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from cdft_cli.output import echo_json, report_plugin_problems, table, warn
-from cdft_core.errors import UsageError
+from cdft_core.errors import CdftError, UsageError
 
 OWN_OPTIONS = ("--folds", "--seed", "-o/--output", "--json")
 
@@ -101,8 +101,54 @@ def format_summary(summary: Mapping[str, Any], output: str) -> str:
     return "\n".join(lines)
 
 
+def dataset_name_in(args: Sequence[str]) -> str | None:
+    """The NAME argument in raw ``cdft prepare`` arguments (skipping this command's options), if any."""
+    tokens = list(args)
+    while tokens:
+        token = tokens.pop(0)
+        if token in ("--folds", "--seed", "-o", "--output"):
+            tokens = tokens[1:]
+        elif not token.startswith("-"):
+            return token
+    return None
+
+
+def dataset_options_help(name: str | None) -> tuple[str, list[tuple[str, str]]]:
+    """The help section of dataset NAME's options: (title, [(flag and choices, help and default)])."""
+    from cdft_core.data.options import declared_options
+    from cdft_core.registry import get_registry
+
+    if name is None:
+        return "Dataset options", [("NAME --help", "lists the options of dataset NAME (`cdft list datasets`)")]
+    try:
+        declared = declared_options(get_registry().get("dataset", name))
+    except CdftError as exc:
+        return "Dataset options", [(name, str(exc))]
+    rows = []
+    for key, spec in declared.items():
+        kind = "[" + "|".join(spec["choices"]) + "]" if spec.get("choices") else "TEXT"
+        default = f" [default: {spec['default']}]" if spec.get("default") is not None else ""
+        rows.append((f"--{key.replace('_', '-')} {kind}", f"{spec.get('help') or ''}{default}"))
+    return f"Options of dataset {name!r}", rows or [("(none)", f"dataset {name!r} declares no options")]
+
+
+class PrepareCommand(click.Command):
+    """``cdft prepare``: its ``--help`` also lists the options of the dataset it names."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["cdft_prepare_args"] = list(args)  # --help is eager: NAME is not parsed when help is printed
+        return super().parse_args(ctx, args)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_options(ctx, formatter)
+        title, rows = dataset_options_help(dataset_name_in(ctx.meta.get("cdft_prepare_args", [])))
+        with formatter.section(title):
+            formatter.write_dl(rows)
+
+
 @click.command(
     "prepare",
+    cls=PrepareCommand,
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
 @click.argument("name")
@@ -117,8 +163,9 @@ def prepare_command(
 ) -> None:
     """Scan dataset NAME under ROOT and write a split CSV (image_path,label,fold,...).
 
-    Dataset options come after NAME and ROOT as --key value; `cdft list datasets --json`
-    shows each dataset's options and choices. ROOT may be a local path or an fsspec URL
+    Dataset options come after NAME and ROOT as --key value; `cdft prepare NAME --help`
+    lists them (and `cdft list datasets --json` every dataset's). The split file records
+    the dataset and its options; `cdft run` checks its own against them. ROOT may be a local path or an fsspec URL
     (file://, memory://, zip://FOLDER::/path/data.zip, s3://...).
 
     \b

@@ -27,7 +27,7 @@ _DICT_OPTIONS = {"dataset_options": "--dataset-option", "adapter_options": "--ad
 #: what a value looks like, where TEXT would say too little
 _METAVARS = {"data_root": "DIR|URL", "split_file": "CSV", "weights": "FILE", "output": "DIR|URL", "runs_dir": "DIR",
              "dataset": "NAME", "backbone": "NAME", "adapter": "NAME", "strategy": "NAME", "protocol": "NAME",
-             "optimizer": "NAME", "device": "NAME", "precision": "NAME"}
+             "optimizer": "NAME", "device": "NAME", "precision": "NAME", "num_workers": "N|auto", "cache_dir": "DIR"}
 #: the launcher options (handed to torchrun, not to the workers)
 LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_backend")
 
@@ -76,7 +76,8 @@ def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
         if kind.startswith("bool"):
             func = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)(func)
         else:
-            click_type = int if kind.startswith("int") else float if kind.startswith("float") else str
+            # ``int | str`` (num_workers: a count or auto) is checked by the config, as a string here
+            click_type = str if "str" in kind else int if kind.startswith("int") else float if kind.startswith("float") else str
             func = click.option(flag, f.name, type=click_type, default=None, metavar=_METAVARS.get(f.name),
                                 help=help_text)(func)
     return func

@@ -9,7 +9,9 @@ the patient from the slide id's number with any letter suffix removed
 Options: ``task`` (``malignant-subtype``: DC, LC, MC, PC, the paper's task;
 ``benign-malignant``; ``subtype``: all 8 types), ``magnification`` and ``split``
 (``patient``: folds grouped by patient, the default; ``image``: the paper's shuffled
-image-level ``StratifiedKFold``, which leaks patients between folds).
+image-level ``StratifiedKFold``, which leaks patients between folds). All three shape
+the split file, so a run must use the ones its split file records; a file made with
+``magnification=all`` can serve a run at one magnification (its rows are narrowed).
 """
 
 from __future__ import annotations
@@ -54,7 +56,11 @@ OPTIONS = (
         choices=tuple(TASKS),
     ),
     DatasetOption(
-        "magnification", "keep images of one magnification, or all", default="200X", choices=(*MAGNIFICATIONS, "all")
+        "magnification",
+        "keep images of one magnification, or all",
+        default="200X",
+        choices=(*MAGNIFICATIONS, "all"),
+        filter_column="magnification",  # a split file made with `all` serves a run at one magnification
     ),
     DatasetOption(
         "split",

@@ -13,6 +13,9 @@ optionally ``group`` (rows of one group, e.g. one patient, always share a fold),
 
 Class names: the ``--classes a,b,c`` option (label order; it replaces the CSV's
 ``class_name`` column), else the ``class_name`` column, else the label numbers.
+
+``--groups-span-classes yes``: a group may hold images of several classes (tissue tiles,
+one patient giving several tissue types); the report then does not warn about it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ OPTIONS = (
         default="labels.csv",
     ),
     DatasetOption("classes", "class names in label order, comma-separated (default: the class_name column)"),
+    DatasetOption(
+        "groups_span_classes",
+        "yes: a group may hold several classes (one patient's tiles of several tissues), so the report does not warn",
+        default="no",
+        choices=("no", "yes"),
+        shapes_split=False,  # it changes the report only, never the rows
+    ),
 )
 
 
@@ -43,8 +53,9 @@ class CsvDataset(BaseDataset):
     default_folds = 5
     group_column = "group"
 
-    def __init__(self, table: str = "labels.csv", classes: str | None = None) -> None:
+    def __init__(self, table: str = "labels.csv", classes: str | None = None, groups_span_classes: str = "no") -> None:
         self.table = table
+        self.groups_span_classes = groups_span_classes == "yes"
         # no --classes: BaseDataset reads the names from the class_name column or the labels
         self.classes = tuple(split_names(classes) or ())
 

@@ -64,21 +64,39 @@ class HCRF(BaseDataset):
         import pandas as pd
 
         rows: list[dict[str, Any]] = []
+        images, masks = 0, []
         for path in root.files(extensions=IMAGE_EXTENSIONS):
             parts = path.split("/")
+            images += 1
+            if is_mask(parts):
+                masks.append(path)
+                continue
             # the nearest class folder above the file
             hits = [i for i, part in enumerate(parts[:-1]) if part.lower() in self.folders]
-            if not hits or is_mask(parts):
+            if not hits:
                 continue
             label = self.folders[parts[hits[-1]].lower()]
             rows.append({"image_path": path, "label": label, "class_name": CLASSES[label]})
         if not rows:
-            names = " and ".join(repr(n) for n in self.folders)
-            raise CdftError(
-                f"no HCRF images (png, jpg, tif) in folders named {names} under {root.url}; "
-                f"pass the HCRF folder, or rename the class folders with --normal/--abnormal"
-            )
+            raise CdftError(self._nothing_found(root, images, masks))
         return pd.DataFrame(rows)
+
+    def _nothing_found(self, root: DataRoot, images: int, masks: list[str]) -> str:
+        """Why a scan found no image: none at all, only masks (a root inside the ground truth), or no class folder."""
+        if images and len(masks) == images:
+            return (
+                f"all {images} image files under {root.url} are ground-truth masks (gt, mask or groundtruth "
+                f"in the file or folder name, e.g. {masks[0]!r}), so none was kept; point the data root at the "
+                f"folder holding the original images"
+            )
+        names = " and ".join(repr(n) for n in self.folders)
+        skipped = f" ({len(masks)} of its {images} image files are masks and were skipped)" if masks else ""
+        if is_mask([root.url.rstrip("/").rsplit("/", 1)[-1], "image"]):
+            skipped += " (the data root itself is named like a mask folder)"
+        return (
+            f"no HCRF images (png, jpg, tif) in folders named {names} under {root.url}{skipped}; "
+            f"pass the HCRF folder, or rename the class folders with --normal/--abnormal"
+        )
 
 
 def make_hcrf(**options: str) -> HCRF:

@@ -52,7 +52,6 @@ class ImageFolder(BaseDataset):
     def scan(self, root: DataRoot) -> pd.DataFrame:
         import pandas as pd
 
-
         by_folder: dict[str, list[str]] = {}
         for path in root.files(extensions=IMAGE_EXTENSIONS):
             if "/" in path:

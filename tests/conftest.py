@@ -13,6 +13,12 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def _image_cache_dir(monkeypatch, tmp_path_factory):
+    """Image caches go to a fresh temporary directory, never to the user's ~/.cache."""
+    monkeypatch.setenv("CDFT_CACHE_DIR", str(tmp_path_factory.mktemp("cdft-cache")))
+
+
+@pytest.fixture(autouse=True)
 def _fresh_registry(monkeypatch):
     """Each test sees the plugin switches it sets and a registry built after them."""
     for var in ("CDFT_PLUGINS", "CDFT_DISABLE_PLUGINS", "CDFT_STRICT_PLUGINS", "CDFT_DEBUG"):

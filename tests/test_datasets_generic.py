@@ -154,3 +154,55 @@ def test_summary_and_warnings_on_a_hand_made_table():
     assert crossed["cross_class_groups"] == [{"group": "p2", "classes": ["x", "y"]}]
     assert "group p2 is filed under more than one class: x, y" in warnings_of(crossed)
     assert summarise(table, ["x", "y"], group_column=None)["leakage"] == []
+
+
+def test_many_warnings_of_one_kind_are_one_capped_line():
+    from cdft_core.data.report import summarise, warnings_of
+
+    # six patients each in two classes; classes c, d, e, f empty; one image of b in 2 folds
+    rows = [(f"p{i}", label, i % 2) for i in range(6) for label in (0, 1)] + [("q", 1, 0)]
+    table = pd.DataFrame(
+        [{"image_path": f"{n}.png", "label": label, "fold": fold, "patient": patient}
+         for n, (patient, label, fold) in enumerate(rows)]
+    )  # fmt: skip
+    summary = summarise(table, list("abcdef"), group_column="patient")
+    assert len(summary["cross_class_groups"]) == 6 and summary["empty_classes"] == list("cdef")
+    lines = warnings_of(summary)
+    assert lines[:2] == [
+        "6 patients are filed under more than one class, e.g. p0 (a, b), p1 (a, b), p2 (a, b); 3 more in --json",
+        "4 classes have no images: c, d, e; 1 more in --json",
+    ]
+    assert len(lines) == 2
+    sparse = summarise(table.assign(fold=range(len(table))), list("ab") + ["g"] * 0, group_column=None)
+    assert sparse["sparse_classes"] == ["a", "b"]
+    assert "2 classes have fewer images than folds (some folds have none of them): a, b" in warnings_of(sparse)
+
+
+def test_a_dataset_whose_groups_span_classes_is_not_warned():
+    from cdft_core.data.report import summarise, warnings_of
+
+    table = pd.DataFrame({"image_path": ["a.png", "b.png"], "label": [0, 1], "fold": [0, 0], "patient": ["p", "p"]})
+    warned = summarise(table, ["stroma", "tumour"], group_column="patient")
+    assert warnings_of(warned) == ["patient p is filed under more than one class: stroma, tumour"]
+    declared = summarise(table, ["stroma", "tumour"], group_column="patient", groups_span_classes=True)
+    assert declared["cross_class_groups"] == [{"group": "p", "classes": ["stroma", "tumour"]}]  # still in --json
+    assert declared["groups_span_classes"] is True and warnings_of(declared) == []
+
+
+def test_the_csv_dataset_declares_groups_spanning_classes_by_option(hcrf, listing, tmp_path):
+    from cdft_core.data.report import warnings_of
+    from cdft_core.data.splits import prepare_with_summary
+
+    # two groups, each holding both classes
+    crossed = listing.assign(group=["p" + str(n % 2) for n in listing.groupby("label").cumcount()])
+    crossed.to_csv(tmp_path / "crossed.csv", index=False)
+    options = {"table": str(tmp_path / "crossed.csv")}
+    table, summary = prepare_with_summary("csv", hcrf, options=options, folds=2, decode_check=1, duplicates=False)
+    assert [line for line in warnings_of(summary) if "filed under" in line] == [
+        "2 groups are filed under more than one class, e.g. p0 (normal, abnormal), p1 (normal, abnormal)"
+    ]
+    _, quiet = prepare_with_summary(
+        "csv", hcrf, options={**options, "groups_span_classes": "yes"}, folds=2, decode_check=1, duplicates=False
+    )
+    assert not [line for line in warnings_of(quiet) if "filed under" in line]
+    assert set(table["cdft_option_groups_span_classes"]) == {"no"}  # recorded, but it shapes nothing

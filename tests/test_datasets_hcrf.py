@@ -81,3 +81,31 @@ def test_class_folders_are_matched_case_insensitively_and_can_be_renamed(tmp_pat
     table = prepare("hcrf", str(tmp_path), options={"abnormal": "Cancer"}, decode_check=1)
     assert table.groupby("label").size().to_dict() == {0: 8, 1: 12}
     assert table["image_path"].str.startswith("GastricSlice/").all()  # README.png is outside both folders
+
+
+def _tree(top, paths: list[str]) -> str:
+    for path in paths:
+        (top / path).parent.mkdir(parents=True, exist_ok=True)
+        (top / path).write_bytes(b"not decoded: the scan fails first")
+    return str(top)
+
+
+def test_a_tree_of_masks_only_says_how_many_and_why(tmp_path):
+    paths = [f"Normal/GT/n{i}.png" for i in range(4)] + [f"Abnormal/a{i}_mask.tif" for i in range(3)]
+    root = _tree(tmp_path / "HCRF-masks", paths)
+    with pytest.raises(CdftError) as raised:
+        prepare("hcrf", root)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"all 7 image files under {root} are ground-truth masks")
+    assert "gt, mask or groundtruth in the file or folder name" in message
+    assert "point the data root at the folder holding the original images" in message
+
+
+def test_masks_beside_images_outside_class_folders_are_counted(tmp_path):
+    root = _tree(tmp_path / "HCRF-flat", ["img_1.png", "img_2.png", "img_1_GT.png"])
+    with pytest.raises(CdftError, match=r"no HCRF images .*\(1 of its 3 image files are masks and were skipped\)"):
+        prepare("hcrf", root)
+    masks = _tree(tmp_path / "masks", ["Normal/n1.png"])  # the root is the masks folder: its files look like images
+    with pytest.raises(CdftError, match="the data root itself is named like a mask folder"):
+        prepare("hcrf", masks, options={"normal": "other"})

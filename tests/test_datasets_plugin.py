@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers_data import hcrf_root
 
+from cdft_core.data.report import warnings_of
 from cdft_core.data.splits import load_splits, prepare, prepare_with_summary
 from cdft_core.errors import UsageError
 from cdft_core.registry import load_registry
@@ -52,6 +53,11 @@ def test_docs_plugin_prepares_and_splits(tiles_root):
     assert summary["leakage"] == [] and summary["group_column"] == "patient"
     assert len(summary["duplicates"]) == 2  # the test copies two source images around
 
+    # every patient gives stroma and tumour tiles, which Tiles declares normal: listed, not warned
+    assert component.metadata["groups_span_classes"] is True
+    assert len(summary["cross_class_groups"]) == 4 and summary["groups_span_classes"] is True
+    assert not [line for line in warnings_of(summary) if "filed under" in line]
+
     splits = load_splits("tiles", tiles_root, split_file=None, val_fold=0, test_fold=2, registry=registry)
     assert splits.classes == ["stroma", "tumour"] and set(splits.train["fold"]) == {1}
     with pytest.raises(UsageError, match="invalid value 'pas' for option 'stain' of dataset 'tiles'; choose from: HE, IHC"):
@@ -67,3 +73,18 @@ def test_plugin_modules_import_without_heavy_packages():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_without_the_declaration_patients_in_several_classes_are_warned(tiles_root):
+    module = docs_tiles_module()
+
+    class StrictTiles(module.Tiles):
+        groups_span_classes = False
+
+    module.Tiles = StrictTiles
+    registry = load_registry(builtins=False, entry_points=False, extra_plugins=[("tiles", module)])
+    _, summary = prepare_with_summary("tiles", tiles_root, registry=registry, duplicates=False)
+    assert [line for line in warnings_of(summary) if "filed under" in line] == [
+        "4 patients are filed under more than one class, e.g. p0HE (stroma, tumour), p1HE (stroma, tumour), "
+        "p2HE (stroma, tumour); 1 more in --json"
+    ]

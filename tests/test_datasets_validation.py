@@ -163,7 +163,10 @@ def test_absolute_paths_inside_the_root_are_accepted(capsys, tiles):
         (lambda t: t.assign(class_name=t["class_name"].where(t.index != 2, "PC")), {}, UsageError,
          r"line 4: class_name 'PC' does not match label 0 = 'DC'; use the dataset options the file was prepared with"),
         (lambda t: t, {"options": {"task": "benign-malignant"}}, UsageError,
-         r"line \d+: label [23] is outside the 2 classes"),
+         r"split file .* was made with task=malignant-subtype, but this run asks for task=benign-malignant"),
+        # a file without the recorded options (the paper's, an older cdft's): the label check still catches it
+        (lambda t: t.loc[:, ~t.columns.str.startswith("cdft_")], {"options": {"task": "benign-malignant"}},
+         UsageError, r"line \d+: label [23] is outside the 2 classes"),
         (lambda t: t, {"protocol": "low-datta"}, UsageError, r"unknown protocol 'low-datta'.*choose from: standard, low-data"),
     ],
 )  # fmt: skip

@@ -36,7 +36,11 @@ def test_prepare_writes_the_csv_and_prints_the_summary(capsys, root, tmp_path):
     code, out, err = run_cli(capsys, *args)
     assert code == 0, err
     table = pd.read_csv(out_csv)
-    assert out_csv.read_text().splitlines()[0] == "image_path,label,fold,class_name,patient,slide,type,magnification"
+    assert out_csv.read_text().splitlines()[0] == (
+        "image_path,label,fold,class_name,patient,slide,type,magnification,"
+        "cdft_dataset,cdft_option_task,cdft_option_magnification,cdft_option_split"
+    )
+    assert set(table["cdft_option_magnification"]) == {"200X"} and set(table["cdft_dataset"]) == {"breakhis"}
     assert sorted(table["fold"].unique()) == [0, 1, 2, 3, 4]
     lines = out.splitlines()
     assert lines[0].startswith(f"breakhis: {len(table)} images, 13 patients, 4 classes, 5 folds (seed 1)")
@@ -147,7 +151,12 @@ def test_list_datasets_shows_classes_protocols_and_options(capsys, root):
         "choices": ["40X", "100X", "200X", "400X", "all"],
         "default": "200X",
         "help": "keep images of one magnification, or all",
+        "filter_column": "magnification",
+        "match_all": "all",
     }
+    assert breakhis["groups_span_classes"] is False
+    assert "shapes_split" not in breakhis["options"]["task"]  # the default (True) is not spelled out
+    assert by_name["csv"]["options"]["groups_span_classes"]["shapes_split"] is False
     assert breakhis["options"]["split"]["default"] == "patient"
     hcrf = by_name["hcrf"]
     assert hcrf["classes"] == ["normal", "abnormal"]
@@ -170,3 +179,21 @@ def test_errors_in_a_real_process(tmp_path):
         "--magnification, --split; command options: --folds, --seed, -o/--output, --json"
     ]
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_prepare_help_lists_the_named_datasets_options(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "prepare", "breakhis", "--help")  # no ROOT, no -o: help comes first
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "--folds INTEGER RANGE" in text and "-o, --output TEXT" in text  # the generic help is still there
+    assert "Options of dataset 'breakhis':" in text
+    assert "--magnification [40X|100X|200X|400X|all] keep images of one magnification, or all [default: 200X]" in text
+    assert "--task [malignant-subtype|benign-malignant|subtype]" in text and "--split [patient|image]" in text
+    code, out, _ = run_cli(capsys, "prepare", "--folds", "3", "hcrf", str(tmp_path), "-h")
+    text = " ".join(out.split())
+    assert code == 0 and "Options of dataset 'hcrf':" in text
+    assert "--normal TEXT name of the folder holding normal images (case-insensitive) [default: normal]" in text
+    code, out, _ = run_cli(capsys, "prepare", "--help")
+    assert code == 0 and "NAME --help lists the options of dataset NAME" in " ".join(out.split())
+    code, out, _ = run_cli(capsys, "prepare", "breakhiss", "--help")
+    assert code == 0 and "unknown dataset 'breakhiss'" in out

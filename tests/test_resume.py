@@ -75,7 +75,7 @@ def test_kill_9_mid_epoch_then_resume_matches_uninterrupted(tmp_path_factory, tm
     assert "resuming" in err and "after stage 1, epoch 2" in err
     _assert_same_results(run_dir, reference)
     # the last completed epoch's events survive the resume (the purge starts after its step)
-    for tag in ("stage1-frt/val/accuracy", "stage2-full/val/accuracy", "stage2-full/train/loss"):
+    for tag in ("val/accuracy", "train/loss", "train/stage", "test/accuracy", "test/stage"):
         assert _scalars(run_dir, tag) == _scalars(reference, tag), tag
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data_root"] == str(moved)
 

@@ -14,13 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cdft_core.data.root import DataRoot
 from cdft_core.errors import CdftError
 from cdft_core.text import one_line
 
 if TYPE_CHECKING:
     import pandas as pd
 
-from cdft_core.data.root import DataRoot
+    from cdft_core.data.image_cache import ImageCache
+
+#: Bump whenever :func:`decode_image` may return other pixels for the same bytes: it is
+#: part of the image cache's key, so cached images never outlive the decoder that made them.
+DECODER_VERSION = 1
 
 
 def decode_image(data: bytes, name: str = "image") -> torch.Tensor:
@@ -246,14 +251,30 @@ class ImageDataset(torch.utils.data.Dataset):
 
     The filesystem is opened lazily in each process (DataLoader workers included), so a
     zip archive's file handle is never shared between forked workers.
+
+    With an image ``cache`` (:mod:`cdft_core.data.image_cache`), ``transform`` must begin
+    with the resize the cache was built with (:func:`~cdft_core.data.transforms.split_resize`
+    checks it); each image then comes resized from the cache and only the steps after the
+    resize run, which gives the same tensors as decoding and resizing it here.
     """
 
-    def __init__(self, root: str, table: pd.DataFrame, transform: Callable[[torch.Tensor], Any] | None) -> None:
+    def __init__(self, root: str, table: pd.DataFrame, transform: Callable[[torch.Tensor], Any] | None,
+                 cache: ImageCache | None = None) -> None:
         self.root = str(root)
         probe = DataRoot.open(self.root)
         self.paths = [probe.confine(p, f"row {i}") for i, p in enumerate(table["image_path"].tolist())]
         self.labels = [int(v) for v in table["label"].tolist()]
         self.transform = transform
+        self.cache = cache
+        self._cache_rows: list[int] = []
+        if cache is not None:
+            from cdft_core.data.transforms import split_resize
+
+            spec, self._after_resize = split_resize(transform)
+            if spec != cache.spec:
+                raise CdftError(f"the image cache {cache.directory} holds images resized as {cache.spec}, but this "
+                                f"transform resizes as {spec}; open the cache with the transform's resize")
+            self._cache_rows = cache.rows(self.paths)
         self._opened: tuple[int, DataRoot] | None = (os.getpid(), probe)
 
     def __len__(self) -> int:
@@ -265,6 +286,8 @@ class ImageDataset(torch.utils.data.Dataset):
         return self._opened[1]
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        if self.cache is not None:
+            return self._after_resize(self.cache.image(self._cache_rows[index])), self.labels[index]
         image = self._data_root().read_image(self.paths[index])
         if self.transform is not None:
             image = self.transform(image)

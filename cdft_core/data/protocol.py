@@ -50,15 +50,38 @@ class DatasetOption:
     ``choices`` (if given) are matched case-insensitively and passed to the factory in
     their declared spelling; ``default`` is what the factory receives when the user is
     silent (``None``: the factory receives nothing for it).
+
+    ``shapes_split`` (default ``True``): the option decides the split file's rows,
+    labels or folds (a magnification filter, a task, a fold rule), so ``cdft prepare``
+    records its value in the file and a run on that file must use the same value: the
+    file's value when the user is silent, an error naming both when they differ. Set it
+    to ``False`` only for options that change how images are read, never which.
+    ``filter_column``: the table column holding each row's value of this option; with
+    it, a split file made with ``match_all`` (e.g. ``--magnification all``) is narrowed
+    to a run's single value by keeping the rows whose column equals it.
     """
 
     name: str
     help: str
     default: str | None = None
     choices: tuple[str, ...] | None = None
+    shapes_split: bool = True
+    filter_column: str | None = None
+    match_all: str = "all"
 
     def to_json(self) -> dict[str, Any]:
-        return {"choices": list(self.choices) if self.choices else None, "default": self.default, "help": self.help}
+        """The metadata entry; the split-file keys only when they differ from the defaults,
+        so ``cdft show`` stays short (readers use ``.get`` with the same defaults)."""
+        out: dict[str, Any] = {
+            "choices": list(self.choices) if self.choices else None,
+            "default": self.default,
+            "help": self.help,
+        }
+        if not self.shapes_split:
+            out["shapes_split"] = False
+        if self.filter_column:
+            out.update(filter_column=self.filter_column, match_all=self.match_all)
+        return out
 
 
 def dataset_metadata(
@@ -75,6 +98,7 @@ def dataset_metadata(
     ``classes``: by default the class's ``classes``; pass ``{task: [...]}`` when an option
     picks the task, or a sentence when the data decides (the generic ``csv`` dataset).
     ``extra`` keys (e.g. ``layout``) are shown by ``cdft show dataset``.
+    ``groups_span_classes`` is read from the class too (see :class:`BaseDataset`).
     """
     protocols: Mapping[str, FoldProtocol] = dataset.protocols
     if dataset.default_protocol not in protocols:
@@ -92,6 +116,7 @@ def dataset_metadata(
         "protocols": {name: p.description for name, p in protocols.items()},
         "default_folds": int(dataset.default_folds),
         "group_column": dataset.group_column,
+        "groups_span_classes": bool(getattr(dataset, "groups_span_classes", False)),
         "options": {o.name: o.to_json() for o in options},
         **extra,
     }
@@ -126,7 +151,10 @@ class Dataset(Protocol):
     Attributes: ``name``; ``default_protocol`` (used when the user names none);
     ``protocols`` (name -> :class:`~cdft_core.data.folds.FoldProtocol`); ``default_folds``;
     ``group_column``: the column naming where an image comes from (a patient), or
-    ``None`` when images are independent.
+    ``None`` when images are independent. Optional: ``groups_span_classes`` (``True``
+    when one group legitimately holds images of several classes, e.g. a patient's
+    patches of several tissue types; ``cdft prepare`` then does not warn about it).
+    It is not a protocol member, so objects without it still pass ``isinstance``.
     """
 
     name: str
@@ -157,6 +185,11 @@ class BaseDataset:
     (:func:`~cdft_core.data.folds.stratified_group_folds`), else the paper's image-level
     ``StratifiedKFold`` (:func:`~cdft_core.data.folds.stratified_folds`). Splits: the named
     :class:`~cdft_core.data.folds.FoldProtocol` of ``protocols``.
+
+    ``groups_span_classes``: ``False`` (the default) when a group in several classes is
+    suspicious (a BreakHis patient filed under two tumour types: the report warns);
+    ``True`` for datasets where it is normal (tissue-type tiles, one patient giving
+    stroma, tumour and mucosa patches): the warning is then left out.
     """
 
     name: str = "dataset"
@@ -164,6 +197,7 @@ class BaseDataset:
     default_protocol: str = "standard"
     default_folds: int = 5
     group_column: str | None = None
+    groups_span_classes: bool = False
     protocols: Mapping[str, FoldProtocol] = PROTOCOLS
 
     def class_names(self, table: pd.DataFrame | None = None) -> list[str]:

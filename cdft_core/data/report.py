@@ -9,14 +9,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
+
 def summarise(
     table: pd.DataFrame,
     classes: Sequence[str],
     *,
     group_column: str | None,
     duplicates: Sequence[Sequence[str]] = (),
+    groups_span_classes: bool = False,
 ) -> dict[str, Any]:
     """Counts per class and per fold, leakage, cross-class groups and duplicate images.
+
+    ``groups_span_classes``: the dataset declares that a group (a patient) may hold
+    several classes; the cross-class groups are still listed, but not warned about.
 
     ``folds_missing_classes`` lists, per fold, the classes (with images elsewhere) that
     have no image in it: ``[{"fold": 2, "classes": ["y"]}, ...]``, folds in order.
@@ -83,6 +88,7 @@ def summarise(
         "classes": class_rows,
         "leakage": leaking,
         "cross_class_groups": cross_class,
+        "groups_span_classes": bool(groups_span_classes),
         "duplicates": duplicate_rows,
         "duplicates_across_folds": sum(1 for d in duplicate_rows if len(d["folds"]) > 1),
         "sparse_classes": sparse,
@@ -92,12 +98,30 @@ def summarise(
     }
 
 
+def _capped(items: Sequence[str], max_listed: int) -> str:
+    """``a, b, c; 4 more in --json``: the first ``max_listed`` items and how many are left."""
+    more = f"; {len(items) - max_listed} more in --json" if len(items) > max_listed else ""
+    return ", ".join(items[:max_listed]) + more
+
+
 def warnings_of(summary: Mapping[str, Any], max_listed: int = 3) -> list[str]:
-    """The warning lines of a summary, one problem each (shown on stderr and in JSON)."""
+    """The warning lines of a summary, one line per kind of problem (shown on stderr and in JSON).
+
+    A kind with many cases (patients in several classes, empty classes, ...) gives one
+    line with the count and ``max_listed`` examples: a dataset with 300 such patients
+    must not bury the report. Every case is in the summary itself (``--json``).
+    """
     who = summary.get("group_column") or "group"
     out = []
-    for row in summary["cross_class_groups"]:
+    crossed = [] if summary.get("groups_span_classes") else summary["cross_class_groups"]
+    if len(crossed) == 1:
+        row = crossed[0]
         out.append(f"{who} {row['group']} is filed under more than one class: {', '.join(row['classes'])}")
+    elif crossed:
+        examples = [f"{row['group']} ({', '.join(row['classes'])})" for row in crossed]
+        out.append(
+            f"{len(crossed)} {who}s are filed under more than one class, e.g. {_capped(examples, max_listed)}"
+        )
     duplicates = summary["duplicates"]
     if duplicates:
         across = summary["duplicates_across_folds"]
@@ -107,12 +131,20 @@ def warnings_of(summary: Mapping[str, Any], max_listed: int = 3) -> list[str]:
         out.append(f"{len(duplicates)} set(s) of byte-identical images{leak}, e.g. {' = '.join(duplicates[0]['paths'])}{more}")
     repeated = summary.get("repeated_rows") or []
     if repeated:
-        shown = ", ".join(repeated[:max_listed]) + (", …" if len(repeated) > max_listed else "")
-        out.append(f"{len(repeated)} image path(s) listed more than once: {shown}")
-    for name in summary["empty_classes"]:
-        out.append(f"class {name} has no images")
-    for name in summary["sparse_classes"]:
-        out.append(f"class {name} has fewer images than folds; some folds have none of it")
+        out.append(f"{len(repeated)} image path(s) listed more than once: {_capped(repeated, max_listed)}")
+    empty = summary["empty_classes"]
+    if len(empty) == 1:
+        out.append(f"class {empty[0]} has no images")
+    elif empty:
+        out.append(f"{len(empty)} classes have no images: {_capped(empty, max_listed)}")
+    sparse = summary["sparse_classes"]
+    if len(sparse) == 1:
+        out.append(f"class {sparse[0]} has fewer images than folds; some folds have none of it")
+    elif sparse:
+        out.append(
+            f"{len(sparse)} classes have fewer images than folds (some folds have none of them): "
+            f"{_capped(sparse, max_listed)}"
+        )
     missing = summary.get("folds_missing_classes") or []
     if missing:
         pairs = sum(len(row["classes"]) for row in missing)

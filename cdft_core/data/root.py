@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cdft_core.errors import CdftError, UsageError
+from cdft_core.text import one_line
 
 if TYPE_CHECKING:
     import torch
@@ -39,22 +40,16 @@ class DataRoot:
     @classmethod
     def open(cls, url: str, *, what: str = "data root") -> DataRoot:
         """Open ``url``; a root that does not exist or is not a folder is a usage error."""
-        from fsspec.core import url_to_fs
-
-        try:
-            fs, base = url_to_fs(str(url))
-        except (ImportError, ValueError) as exc:  # unknown protocol or its package missing
-            raise UsageError(f"cannot open {what} {url!r}: {exc}") from exc
-        except FileNotFoundError as exc:  # e.g. the zip archive of a zip:// URL
-            raise UsageError(f"{what} {url!r} does not exist ({exc}); check the path") from exc
+        fs, base = open_url(str(url), what)
+        shown = one_line(url, 120)
         base = base.rstrip("/") if base not in ("/", "") else base
         try:
             is_dir = fs.isdir(base) if base else True
         except OSError as exc:
-            raise CdftError(f"cannot read {what} {url!r}: {exc}") from exc
+            raise CdftError(f"cannot read {what} {shown!r}: {one_line(exc)}") from exc
         if not is_dir:
             reason = "is a file, not a folder" if fs.exists(base) else "does not exist"
-            raise UsageError(f"{what} {url!r} {reason}; pass the folder that holds the images")
+            raise UsageError(f"{what} {shown!r} {reason}; pass the folder that holds the images")
         return cls(str(url), fs, base)
 
     # -- paths ------------------------------------------------------------------------
@@ -169,6 +164,83 @@ class DataRoot:
             raise CdftError(f"cannot read image {relative!r} under {self.url}: {exc}") from exc
 
     def read_image(self, relative: str) -> torch.Tensor:
+        """One decoded image; a missing, unreadable or undecodable file is an :class:`ImageError`."""
         from cdft_core.data.images import decode_image
 
-        return decode_image(self.read_bytes(relative), relative)
+        try:
+            return decode_image(self.read_bytes(relative), relative)
+        except ImageError:
+            raise
+        except CdftError as exc:
+            raise ImageError(str(exc)) from exc
+
+
+class ImageError(CdftError):
+    """An image of a table that cannot be read or decoded; the message names it.
+
+    A DataLoader worker's exception comes back to the training process as
+    ``type(exc)(text)``, where ``text`` is torch's "Caught ... Original Traceback" report;
+    such a copy keeps only the original message, so the error stays one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        text = str(message)
+        if text.startswith("Caught ") and "Original Traceback" in text:
+            text = _original_message(text, type(self))
+        super().__init__(text)
+
+
+def _original_message(report: str, kind: type) -> str:
+    """The message of the exception at the end of a formatted traceback (``module.Kind: message``)."""
+    lines = [line for line in report.splitlines() if line.strip()]
+    last = lines[-1] if lines else report
+    for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return one_line(last)
+
+
+#: fsspec protocols whose "file system" is one archive file (``zip://FOLDER::ARCHIVE``)
+ARCHIVE_PROTOCOLS = ("zip", "tar", "libarchive")
+
+
+def open_url(url: str, what: str) -> tuple[AbstractFileSystem, str]:
+    """``fsspec.core.url_to_fs(url)`` with one-line usage errors naming ``what`` (``--data-root``...).
+
+    Refused: an unknown protocol (or its package missing), a missing file or archive, an
+    archive URL naming a folder, a file that is not an archive of the URL's kind (a CSV
+    behind ``zip://``), and an archive with nothing in it.
+    """
+    from fsspec.core import url_to_fs
+
+    shown = one_line(url, 120)
+    protocol = url.split("://", 1)[0] if "://" in url else ""
+    archive = url.rsplit("::", 1)[1] if protocol in ARCHIVE_PROTOCOLS and "::" in url else None
+    kind = f"{protocol} archive"
+    try:
+        fs, path = url_to_fs(url)
+    except (ImportError, ValueError) as exc:  # unknown protocol or its package missing
+        raise UsageError(f"cannot open {what} {shown!r}: {one_line(exc)}") from exc
+    except FileNotFoundError as exc:
+        target = f"its archive {one_line(archive, 120)!r}" if archive else "it"
+        raise UsageError(f"{what} {shown!r} does not exist ({target} is missing); check the path") from exc
+    except IsADirectoryError as exc:
+        raise UsageError(f"{what} {shown!r}: {one_line(archive or url, 120)!r} is a folder, not a {kind}; "
+                         f"name the archive file, or pass the folder itself without {protocol}://") from exc
+    except OSError as exc:
+        raise CdftError(f"cannot read {what} {shown!r}: {one_line(exc)}") from exc
+    except Exception as exc:  # zipfile.BadZipFile, tarfile.ReadError...: not an archive of that kind
+        if archive is None:
+            raise
+        empty = "::" not in archive and os.path.isfile(archive) and os.path.getsize(archive) == 0
+        problem = "is an empty file (0 bytes)" if empty else f"is not a {kind} ({one_line(exc, 120)})"
+        raise UsageError(f"{what} {shown!r}: {one_line(archive, 120)!r} {problem}; pass a {kind} that holds the data") from exc
+    if archive is not None:
+        try:
+            empty = not fs.ls("", detail=False)
+        except OSError:
+            empty = False  # the caller's own check reports it
+        if empty:
+            raise UsageError(f"{what} {shown!r}: the {kind} {one_line(archive, 120)!r} is empty; "
+                             f"pass the archive that holds the data")
+    return fs, path

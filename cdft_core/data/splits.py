@@ -14,11 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cdft_core.data.options import build_dataset, choose_protocol
+from cdft_core.data.options import build_dataset, choose_protocol, declared_options, option_key
 from cdft_core.data.protocol import Dataset
 from cdft_core.data.report import summarise
-from cdft_core.data.tables import DECODE_CHECK, check_table, order_columns, read_split_file
-from cdft_core.errors import CdftError
+from cdft_core.data.tables import (
+    DECODE_CHECK,
+    check_table,
+    order_columns,
+    read_split_file,
+    record_options,
+    recorded_options,
+)
+from cdft_core.errors import CdftError, UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -84,7 +91,14 @@ def prepare_with_summary(
     data_root = DataRoot.open(root)
     table, classes, n_folds = _scan_and_fold(ds, data_root, folds, seed, decode_check)
     dup_groups = find_duplicates(data_root, table["image_path"].tolist()) if duplicates else []
-    summary = summarise(table, classes, group_column=ds.group_column, duplicates=dup_groups)
+    summary = summarise(
+        table,
+        classes,
+        group_column=ds.group_column,
+        duplicates=dup_groups,
+        groups_span_classes=bool(getattr(ds, "groups_span_classes", False)),
+    )
+    table = record_options(table, dataset, resolved)
     summary.update(
         {
             "dataset": dataset,
@@ -113,6 +127,8 @@ def prepare(
 
     ``folds`` defaults to the dataset's ``default_folds``; the rows are sorted by path
     before folds are assigned, so the same data, options and seed give the same table.
+    Its last columns record the dataset and options (:func:`~cdft_core.data.tables.record_options`),
+    which :func:`load_splits` checks a run's options against.
     """
     table, _ = prepare_with_summary(
         dataset,
@@ -143,9 +159,10 @@ def load_splits(
 ) -> Splits:
     """The train/val/test tables of a run, validated before any training work.
 
-    With ``split_file`` its folds are used as written (``folds``/``seed`` are ignored);
-    dataset options then only choose the classes (e.g. ``task``), not the rows. Without
-    it the root is scanned and split in memory exactly as :func:`prepare` would.
+    With ``split_file`` its folds are used as written (``folds``/``seed`` are ignored)
+    and the options it records must agree with the run's (:func:`agree_with_split_file`):
+    ``Splits.options`` are then what the rows really are. Without it the root is scanned
+    and split in memory exactly as :func:`prepare` would.
     """
     from cdft_core.data.root import DataRoot
 
@@ -153,7 +170,14 @@ def load_splits(
     chosen = choose_protocol(ds, protocol)
     data_root = DataRoot.open(root)
     if split_file is not None:
-        raw = read_split_file(split_file)
+        raw, agreed = agree_with_split_file(
+            read_split_file(split_file), str(split_file), dataset, options or {}, resolved, registry
+        )
+        if agreed != resolved:
+            try:
+                ds, resolved = build_dataset(dataset, agreed, registry)
+            except UsageError as exc:
+                raise UsageError(f"split file {split_file} records options this dataset refuses: {exc}") from exc
         classes = ds.class_names(raw)
         table = check_table(
             raw, classes, data_root, source=str(split_file), require_fold=True, decode_check=decode_check
@@ -171,4 +195,75 @@ def load_splits(
         dataset=dataset,
         options=resolved,
         split_file=None if split_file is None else str(split_file),
+    )
+
+
+def agree_with_split_file(
+    raw: pd.DataFrame,
+    source: str,
+    dataset: str,
+    given: Mapping[str, Any],
+    resolved: Mapping[str, str],
+    registry: Registry | None = None,
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The split file's rows and the options that describe them, or one usage error.
+
+    ``given`` are the options the user named, ``resolved`` those plus the defaults. For
+    each option that shapes the split (:class:`~cdft_core.data.protocol.DatasetOption`
+    ``shapes_split``) and that the file records: the user silent, the file's value is
+    used; the same value, fine; a file made with ``all`` of an option with a
+    ``filter_column``, its rows are narrowed to the run's value; any other difference
+    (an option the file was made without included) is refused, so a saved config never
+    names options the data do not reflect. A file without a record (the paper's, or an
+    older one) is accepted with the run's options.
+    """
+    from cdft_core.registry import get_registry
+
+    table, made_for, recorded = recorded_options(raw, source)
+    if made_for is None:
+        return table, dict(resolved)
+    if made_for != dataset:
+        raise UsageError(
+            f"split file {source} was made for dataset {made_for!r}, not {dataset!r}; "
+            f"run with --dataset {made_for}, or make a split file with `cdft prepare {dataset}`"
+        )
+    declared = declared_options((registry or get_registry()).get("dataset", dataset))
+    named = {option_key(k) for k in given}
+    agreed = dict(resolved)
+    for key, spec in declared.items():
+        if not spec.get("shapes_split", True):
+            continue
+        if key not in recorded:  # made without it (no default): a run may not add it
+            if key in named:
+                raise UsageError(
+                    f"split file {source} was made without option {key}, but this run asks for {key}={resolved[key]}; "
+                    f"drop --dataset-option {key}, or rerun `cdft prepare {dataset} ROOT --{key.replace('_', '-')} "
+                    f"{resolved[key]}` for a split file with it"
+                )
+            continue
+        ours, theirs = resolved.get(key), recorded[key]
+        if key not in named:
+            agreed[key] = theirs  # checked against the declared choices when the dataset is rebuilt
+        elif ours != theirs:
+            table = _narrowed(table, source, dataset, key, spec, theirs, str(ours))
+    return table, agreed
+
+
+def _narrowed(
+    table: pd.DataFrame, source: str, dataset: str, key: str, spec: Mapping[str, Any], theirs: str, ours: str
+) -> pd.DataFrame:
+    """The rows of a file made with ``key=all`` that have ``key=ours``; else the one-line refusal."""
+    column = spec.get("filter_column")
+    if column and theirs == spec.get("match_all") and column in table.columns:
+        kept = table[table[column].astype(str) == ours]
+        if len(kept) == 0:
+            raise UsageError(
+                f"split file {source} (made with {key}={theirs}) has no rows with {column} {ours}; "
+                f"check --dataset-option {key}={ours}"
+            )
+        return kept.reset_index(drop=True)
+    raise UsageError(
+        f"split file {source} was made with {key}={theirs}, but this run asks for {key}={ours}; "
+        f"pass --dataset-option {key}={theirs}, or rerun `cdft prepare {dataset} ROOT --{key.replace('_', '-')} {ours}` "
+        f"for a split file with {key}={ours}"
     )

@@ -1,4 +1,5 @@
-"""Split tables: read a split CSV, check it against its data root, write one atomically.
+"""Split tables: read a split CSV, check it against its data root, write one atomically,
+and record in it the dataset and options it was made with (:func:`record_options`).
 
 Errors, one line each and raised before any training work:
 
@@ -11,7 +12,7 @@ Errors, one line each and raised before any training work:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cdft_core.data.protocol import SPLIT_COLUMNS
@@ -27,6 +28,50 @@ if TYPE_CHECKING:
 #: How many images :func:`~cdft_core.data.splits.load_splits` and ``prepare`` decode as a check by default.
 DECODE_CHECK = 8
 
+#: The last columns of a split file ``cdft prepare`` writes: the dataset and each option
+#: it was made with, one value repeated on every row. Columns (not a header comment)
+#: keep the file a plain CSV whose first line is ``image_path,label,fold,...``, and the
+#: record travels with the file when it is copied or renamed.
+DATASET_COLUMN = "cdft_dataset"
+OPTION_PREFIX = "cdft_option_"
+
+
+def record_options(table: pd.DataFrame, dataset: str, options: Mapping[str, str]) -> pd.DataFrame:
+    """``table`` with the dataset and its options recorded as the last columns (any old record replaced)."""
+    out = table.drop(columns=[c for c in table.columns if _is_record(c)])
+    out[DATASET_COLUMN] = dataset
+    for key, value in options.items():
+        out[OPTION_PREFIX + key] = str(value)
+    return out
+
+
+def recorded_options(table: pd.DataFrame, source: str) -> tuple[pd.DataFrame, str | None, dict[str, str]]:
+    """``(table without the record, dataset, options)`` of a split file; ``(table, None, {})``
+    for a file without a record (the paper's, or one written before cdft recorded options).
+
+    A record whose value differs between rows (two files pasted together) is refused:
+    no single set of options describes the file.
+    """
+    import pandas as pd
+
+    columns = [c for c in table.columns if _is_record(c)]
+    values: dict[str, str] = {}
+    for column in columns:
+        seen = sorted({"" if pd.isna(v) else str(v) for v in table[column].tolist()})
+        if len(seen) > 1:
+            raise UsageError(
+                f"split file {source} mixes values of {column}: {', '.join(seen[:3])}; "
+                f"make one split file per dataset and options with `cdft prepare`"
+            )
+        if seen:
+            values[column] = seen[0]
+    options = {c[len(OPTION_PREFIX) :]: v for c, v in values.items() if c.startswith(OPTION_PREFIX)}
+    return table.drop(columns=columns), values.get(DATASET_COLUMN), options
+
+
+def _is_record(column: Any) -> bool:
+    return str(column) == DATASET_COLUMN or str(column).startswith(OPTION_PREFIX)
+
 
 def read_split_file(
     split_file: str, *, fs: Any = None, what: str = "split file", missing: str = "make one with `cdft prepare`"
@@ -37,13 +82,19 @@ def read_split_file(
     (a CSV stored under a data root). ``what`` names it in error lines; ``missing`` is
     the advice when it does not exist.
     """
+    import io
+
     import fsspec
     import pandas as pd
 
     try:
         opener = fs.open(split_file, "rb") if fs is not None else fsspec.open(str(split_file), "rb")
         with opener as handle:
-            table = pd.read_csv(handle, dtype={"image_path": str}, keep_default_na=False, na_values=[""])
+            data = handle.read()
+        # the recorded options stay strings (a value "01" must not come back as 1)
+        header = pd.read_csv(io.BytesIO(data), nrows=0).columns if data.strip() else []
+        dtype = {"image_path": str, **{c: str for c in header if _is_record(c)}}
+        table = pd.read_csv(io.BytesIO(data), dtype=dtype, keep_default_na=False, na_values=[""])
     except FileNotFoundError as exc:
         raise UsageError(f"{what} {split_file!r} does not exist; {missing}") from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

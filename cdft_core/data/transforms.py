@@ -20,11 +20,17 @@ black border, p=0.7                      (0.7, 1.3), fill=0)], p=0.7)``
 then ``ToDtype(float32, scale=True)`` and ``Normalize(mean, std)``. Every random draw
 comes from torch's global generator, so seeding torch (as the engine does, per worker
 too) makes the augmentation reproducible.
+
+Both pipelines begin with the same deterministic resize, which draws no random number.
+:func:`split_resize` separates it from the rest, so the image cache
+(:mod:`cdft_core.data.image_cache`) can store its ``uint8`` output once and apply only
+the rest each time: the images, and the RNG stream, are those of the whole pipeline.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,6 +59,55 @@ def interpolation_mode(name: str | None) -> Any:
     return InterpolationMode(key)
 
 
+@dataclass(frozen=True)
+class ResizeSpec:
+    """The deterministic first step of both pipelines: resize to ``height×width``.
+
+    ``interpolation`` is the tensor mode actually used (after the fallbacks of
+    :func:`interpolation_mode`), so configs that resize identically compare equal.
+    """
+
+    height: int
+    width: int
+    interpolation: str
+    antialias: bool = True
+
+    @classmethod
+    def from_data_config(cls, data_config: Mapping[str, Any]) -> ResizeSpec:
+        height, width = _size(data_config)
+        return cls(height, width, interpolation_mode(data_config.get("interpolation")).value, True)
+
+    def transform(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The ``v2.Resize`` itself: ``uint8 3×h×w`` in, ``uint8 3×H×W`` out."""
+        from torchvision.transforms import v2
+
+        return v2.Resize((self.height, self.width), interpolation=interpolation_mode(self.interpolation),
+                         antialias=self.antialias)
+
+
+def resize_transform(data_config: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The resize both pipelines begin with."""
+    return ResizeSpec.from_data_config(data_config).transform()
+
+
+def split_resize(transform: Any) -> tuple[ResizeSpec, Callable[[torch.Tensor], torch.Tensor]]:
+    """(the leading resize, the steps after it) of a pipeline built here.
+
+    Raises :class:`UsageError` for a transform that does not begin with a fixed-size
+    ``v2.Resize``: its images cannot come from the image cache.
+    """
+    from torchvision.transforms import v2
+
+    steps = list(transform.transforms) if isinstance(transform, v2.Compose) else []
+    first = steps[0] if steps else None
+    if not isinstance(first, v2.Resize) or len(first.size or ()) != 2 or first.max_size is not None:
+        raise UsageError(f"the image cache needs a v2.Compose that begins with a fixed-size v2.Resize, not "
+                         f"{type(transform).__name__}; pass --no-cache, or build it with train_transform/eval_transform")
+    height, width = (int(v) for v in first.size)
+    spec = ResizeSpec(height, width, first.interpolation.value, bool(first.antialias))
+    return spec, v2.Compose(steps[1:])
+
+
 def _size(data_config: Mapping[str, Any]) -> tuple[int, int]:
     size = data_config.get("input_size")
     if size is None or len(size) not in (2, 3):
@@ -77,12 +132,9 @@ def train_transform(data_config: Mapping[str, Any]) -> Callable[[torch.Tensor], 
     """The paper's augmentation: ``uint8 3×h×w`` in, normalised ``float32 3×H×W`` out."""
     from torchvision.transforms import v2
 
-    resize = v2.Resize(
-        _size(data_config), interpolation=interpolation_mode(data_config.get("interpolation")), antialias=True
-    )
     return v2.Compose(
         [
-            resize,
+            resize_transform(data_config),
             v2.RandomHorizontalFlip(p=0.5),
             v2.RandomVerticalFlip(p=0.5),
             v2.RandomApply([v2.ColorJitter(brightness=0.1, contrast=0.1)], p=0.5),
@@ -107,7 +159,4 @@ def eval_transform(data_config: Mapping[str, Any]) -> Callable[[torch.Tensor], t
     """Resize only, then the same scaling and normalisation as training."""
     from torchvision.transforms import v2
 
-    resize = v2.Resize(
-        _size(data_config), interpolation=interpolation_mode(data_config.get("interpolation")), antialias=True
-    )
-    return v2.Compose([resize, *_normalise(data_config)])
+    return v2.Compose([resize_transform(data_config), *_normalise(data_config)])

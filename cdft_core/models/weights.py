@@ -204,6 +204,22 @@ class LoadReport:
         return text
 
 
+def weights_origin(backbone: Any) -> str:
+    """Where a built backbone's weights came from, for the run's first lines.
+
+    ``loaded 152 tensors from hub:timm/vit_... (/root/.cache/huggingface/hub/...)``,
+    ``loaded 152 tensors from file /data/vit.safetensors`` or ``random initialisation``;
+    a plugin backbone that keeps no :class:`LoadReport` is described by its ``weights``.
+    """
+    report = getattr(backbone, "load_report", None)
+    if isinstance(report, LoadReport):
+        return report.summary()
+    source = str(getattr(backbone, "weights", "") or "")
+    if source in ("", "random init"):
+        return "random initialisation"
+    return source
+
+
 def load_state_dict_checked(
     module: nn.Module,
     state_dict: Mapping[str, Tensor],

@@ -38,6 +38,7 @@ Every feature and the config key (``cdft run --help`` option) that controls it:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from cdft_core.config import RunConfig, absolute_paths, resolve_device, resolve_precision
+from cdft_core.data.root import ImageError
 from cdft_core.errors import CdftError, Interrupted, UsageError
 from cdft_core.training.checkpoint import restore_rng
 from cdft_core.training.distributed import (
@@ -58,20 +60,26 @@ from cdft_core.training.distributed import (
 )
 from cdft_core.training.evaluation import autocast, eval_batch_size, evaluate
 from cdft_core.training.faults import step_hook_from_env
-from cdft_core.training.loaders import SeededAugmentation, make_loader, steps_per_epoch, train_order
-from cdft_core.training.log import RunLog, progress_bar
+from cdft_core.training.loaders import (
+    SeededAugmentation,
+    describe_num_workers,
+    make_loader,
+    steps_per_epoch,
+    train_order,
+)
+from cdft_core.training.log import RunLog, progress_bar, stage_epoch
 from cdft_core.training.optimizer import build_optimizer, build_scaler, trainable_count
-from cdft_core.training.preflight import load_run_splits, preflight
+from cdft_core.training.preflight import check_memory, load_run_splits, preflight
 from cdft_core.training.records import (
     best_weights,
     interrupted_message,
+    log_input_grid,
     record,
-    record_rates,
+    record_step,
     save_best,
     save_checkpoint,
     save_test_result,
     stage_result,
-    tag,
     write_logs,
     write_summary,
 )
@@ -97,6 +105,8 @@ def main(config: RunConfig, resume: str | None = None, argv: list[str] | None = 
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(f"interrupted (Ctrl-C); continue from the last completed epoch with "
                               f"`cdft run --resume {run.rundir.url}`", exit_code=130) from None
+        if isinstance(exc, ImageError):  # an image went bad after the split was made: the saved state stays
+            raise _resumable(exc, run.rundir.url) from exc
         raise
     finally:
         run.stop.uninstall()
@@ -107,19 +117,24 @@ def main(config: RunConfig, resume: str | None = None, argv: list[str] | None = 
 # -- setup ------------------------------------------------------------------------------
 def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None = None) -> Run:
     """Join the process group, load data and model, create (or reopen and settle) the run directory."""
+    from cdft_core.data.image_cache import cache_for_tables
     from cdft_core.data.images import ImageDataset
     from cdft_core.data.transforms import eval_transform, train_transform
     from cdft_core.models.model import build_model
+    from cdft_core.models.weights import weights_origin
     from cdft_core.strategy import check_compatible
 
     config = absolute_paths(config)  # the saved config must work from any directory (resume, eval)
     strategy, adapter = preflight(config)
+    config = dataclasses.replace(config, adapter=adapter)  # config.yaml names the adapter used, not None
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     if config.sync_batchnorm and device != "cuda":
         raise UsageError("--sync-batchnorm needs CUDA (SyncBatchNorm has no CPU kernel); drop it: on CPU every "
                          "rank still evaluates and saves rank 0's statistics")
     dist_info = init_distributed(device, config.dist_timeout)
+    if device == "cuda":  # the CPU's memory was checked by preflight
+        check_memory(config, strategy, str(dist_info.device))
     log = RunLog(dist_info.is_main)
     torch.set_float32_matmul_precision("high")
 
@@ -134,16 +149,20 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
     if config.sync_batchnorm and dist_info.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
+    cache = cache_for_tables(splits.root, [splits.train, splits.val, splits.test], model.data_config,  # --no-cache: None
+                             cache_dir=config.cache_dir, progress=dist_info.is_main, log=log) if config.cache else None
+    data = RunData(
+        train=SeededAugmentation(ImageDataset(splits.root, splits.train, train_transform(model.data_config), cache),
+                                 config.seed),
+        val=ImageDataset(splits.root, splits.val, eval_transform(model.data_config), cache),
+        test=ImageDataset(splits.root, splits.test, eval_transform(model.data_config), cache),
+    )
+    # created after the images are cached: an unreadable image leaves no run directory behind
     rundir, saved, metric_lines = open_run_dir(config, resume, dist_info, log, argv or sys.argv)
     progress = saved.progress if saved is not None else Progress()
     tb = TensorBoardLog(rundir.join("tensorboard"), enabled=dist_info.is_main and config.tensorboard,
                         # events after the saved state are dropped; those at its step (the last completed epoch's) kept
                         purge_step=progress.global_step + 1 if resume else None)
-    data = RunData(
-        train=SeededAugmentation(ImageDataset(splits.root, splits.train, train_transform(model.data_config)), config.seed),
-        val=ImageDataset(splits.root, splits.val, eval_transform(model.data_config)),
-        test=ImageDataset(splits.root, splits.test, eval_transform(model.data_config)),
-    )
     stop = StopRequest()
     stop.install()
     run = Run(config=config, dist=dist_info, rundir=rundir, splits=splits, model=model, strategy=strategy,
@@ -155,6 +174,8 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
         f"strategy {strategy.name} ({len(strategy.stages)} stage{'s' if len(strategy.stages) > 1 else ''}), "
         f"{dist_info.world_size} process{'es' if dist_info.distributed else ''} on {device}, {precision}"
     )
+    log(f"backbone weights: {weights_origin(model.backbone)}")
+    log(f"data loading: {describe_num_workers(config.num_workers)}")
     for name in ("val", "test"):
         missing = sorted(set(splits.classes) - {splits.classes[i] for i in getattr(splits, name)["label"]})
         if missing:
@@ -162,9 +183,17 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
                 f"the other classes (docs/method.md#metrics)")
     if saved is not None:
         _settle_resume(run, saved)
-    elif tb.enabled and not resume:
-        _log_input_grid(run)
+    elif not resume:
+        try:
+            log_input_grid(run)  # rank 0 with TensorBoard on; consumes no random number of training's
+        except ImageError as exc:
+            raise _resumable(exc, rundir.url) from exc
     return run
+
+
+def _resumable(exc: ImageError, url: str) -> CdftError:
+    """The error of a bad image met during the run, saying how to go on from the last saved state."""
+    return CdftError(f"{exc}, then continue with `cdft run --resume {url}`")
 
 
 def _settle_resume(run: Run, saved: SavedState) -> None:
@@ -183,14 +212,6 @@ def _settle_resume(run: Run, saved: SavedState) -> None:
         _complete_stage(run, index, epochs)
     else:
         run.saved_optimizer, run.saved_scaler = saved.optimizer, saved.scaler
-
-
-def _log_input_grid(run: Run) -> None:
-    """A few augmented training inputs, as the model sees them (first epoch, first images)."""
-    count = min(16, len(run.data.train))
-    images = torch.stack([run.data.train[i][0] for i in range(count)])
-    config = run.model.data_config
-    run.tb.input_grid("inputs/augmented", images, config["mean"], config["std"], 0)
 
 
 # -- one stage ------------------------------------------------------------------------
@@ -222,8 +243,9 @@ def train_stage(run: Run, index: int) -> None:
                                             "lr": current.optimizer.param_groups[0]["lr"],
                                             "lr_groups": rates(current.optimizer)})
         broadcast_buffers(model, run.dist)  # every rank evaluates the model rank 0 saves
+        where = stage_epoch(index + 1, len(run.strategy.stages), epoch + 1, epochs)
         val = evaluate(model, run.data.val, run.splits.classes, run.dist, eval_batch_size(config),
-                       config.num_workers, run.precision)
+                       config.num_workers, run.precision, description=f"{where} val")
         record(run, index, epoch, "val", val)
         is_best = progress.best_accuracy is None or val["accuracy"] >= progress.best_accuracy
         if is_best:
@@ -253,7 +275,8 @@ def _complete_stage(run: Run, index: int, epochs: int) -> None:
     current = {k: v.detach().clone() for k, v in model.state_dict().items()} if continues else None
     model.load_state_dict(best_weights(run, index))
     run.progress.best_test = evaluate(model, run.data.test, run.splits.classes, run.dist,
-                                      eval_batch_size(run.config), run.config.num_workers, run.precision)
+                                      eval_batch_size(run.config), run.config.num_workers, run.precision,
+                                      description=f"stage {index + 1}/{len(stages)} test")
     record(run, index, run.progress.best_epoch - 1, "test", run.progress.best_test)
     save_test_result(run, index)
     run.log(f"stage {index + 1} {stages[index].name}: test accuracy {run.progress.best_test['accuracy']:.4f} "
@@ -283,8 +306,9 @@ def train_epoch(run: Run, current: StageRun, epoch: int) -> tuple[float, float]:
     sums = progress.epoch_sums or {"loss": 0.0, "correct": 0, "count": 0}
     window: list[float] = []
     current.model.train()
-    bar = progress_bar(dist_info.is_main, current.steps, start, f"stage {index + 1} epoch {epoch + 1}")
-    tick = time.time()
+    bar = progress_bar(dist_info.is_main, current.steps, start,
+                       stage_epoch(index + 1, len(run.strategy.stages), epoch + 1, current.epochs))
+    tick = epoch_start = time.time()
     for step, (images, labels) in enumerate(loader, start=start):
         images = images.to(dist_info.device, non_blocking=True)
         labels = labels.to(dist_info.device, non_blocking=True)
@@ -317,8 +341,7 @@ def train_epoch(run: Run, current: StageRun, epoch: int) -> tuple[float, float]:
             run.after_step(index + 1, epoch + 1, step + 1)
         if (step + 1) % config.log_every == 0 or step + 1 == current.steps:
             mean_loss = mean_over_ranks(sum(window), len(window), dist_info)
-            run.tb.scalar(tag(run, index, "train/loss"), mean_loss, progress.global_step)
-            record_rates(run, index, rates(current.optimizer))
+            record_step(run, index, mean_loss, rates(current.optimizer))
             if bar is None:
                 rate = len(window) * config.batch_size * dist_info.world_size / max(time.time() - tick, 1e-9)
                 run.log(f"stage {index + 1} epoch {epoch + 1} step {step + 1}/{current.steps}: loss {mean_loss:.4f}, "
@@ -326,7 +349,9 @@ def train_epoch(run: Run, current: StageRun, epoch: int) -> tuple[float, float]:
             window, tick = [], time.time()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{current.optimizer.param_groups[0]['lr']:.2e}")
+            seen = (step + 1 - start) * config.batch_size * dist_info.world_size
+            bar.set_postfix({"loss": f"{loss_value:.4f}", "lr": f"{current.optimizer.param_groups[0]['lr']:.2e}",
+                             "img/s": f"{seen / max(time.time() - epoch_start, 1e-9):.1f}"})
         if step + 1 < current.steps and any_rank(run.stop.requested, dist_info):
             progress.epoch_sums = dict(sums)
             save_checkpoint(run, current.optimizer, current.scaler)

@@ -21,6 +21,7 @@ from cdft_core.errors import CdftError, UsageError
 from cdft_core.training import metrics as metrics_lib
 from cdft_core.training.distributed import DistInfo, gather_predictions
 from cdft_core.training.loaders import WithIndex, make_loader
+from cdft_core.training.log import progress_bar
 
 
 def autocast(precision: str, device: torch.device) -> Any:
@@ -30,20 +31,30 @@ def autocast(precision: str, device: torch.device) -> Any:
 
 
 def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, classes: list[str], dist_info: DistInfo,
-             batch_size: int, num_workers: int, precision: str) -> dict[str, Any]:
-    """Metrics of ``model`` on ``dataset``; every rank takes part and gets the same numbers."""
+             batch_size: int, num_workers: int | str, precision: str, description: str = "evaluating") -> dict[str, Any]:
+    """Metrics of ``model`` on ``dataset``; every rank takes part and gets the same numbers.
+
+    On a terminal, rank 0 shows a progress bar (``description``, batches); elsewhere nothing.
+    """
     sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=False)
     loader = make_loader(WithIndex(dataset), list(sampler), batch_size, num_workers, 0)
+    bar = progress_bar(dist_info.is_main, len(loader), 0, description, unit="batch")
     was_training = model.training
     model.eval()
     indices, labels, logits = [], [], []
-    with torch.no_grad():
-        for images, target, index in loader:
-            with autocast(precision, dist_info.device):
-                out = model(images.to(dist_info.device, non_blocking=True))
-            logits.append(out.float().cpu())
-            labels.append(target)
-            indices.append(index)
+    try:
+        with torch.no_grad():
+            for images, target, index in loader:
+                with autocast(precision, dist_info.device):
+                    out = model(images.to(dist_info.device, non_blocking=True))
+                logits.append(out.float().cpu())
+                labels.append(target)
+                indices.append(index)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     model.train(was_training)
     k = len(classes)
     local = (torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
@@ -86,7 +97,7 @@ def find_checkpoint(target: str) -> str:
 
 
 def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | None = None,
-                        data_root: str | None = None, batch_size: int | None = None, num_workers: int = 0,
+                        data_root: str | None = None, batch_size: int | None = None, num_workers: int | str = 0,
                         device: str = "auto") -> CheckpointEvaluation:
     """Re-evaluate a saved model on a split of its run's data (or ``split_file``/``data_root``).
 
@@ -94,6 +105,7 @@ def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | N
     run's configuration and the class names.
     """
     from cdft_core.config import RunConfig, merge, resolve_device, resolve_precision
+    from cdft_core.data.image_cache import cache_for_tables
     from cdft_core.data.images import ImageDataset
     from cdft_core.data.splits import load_splits
     from cdft_core.data.transforms import eval_transform
@@ -125,9 +137,12 @@ def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | N
                         f"{len(unexpected)} unexpected tensors)")
     model.to(torch_device)
     dist_info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(torch_device))
-    dataset = ImageDataset(splits.root, table, eval_transform(model.data_config))
+    # the run's image cache when it is still there (one pass gains nothing from building one)
+    cache = cache_for_tables(splits.root, [splits.train, splits.val, splits.test], model.data_config,
+                             cache_dir=config.cache_dir, build=False) if config.cache else None
+    dataset = ImageDataset(splits.root, table, eval_transform(model.data_config), cache)
     result = evaluate(model, dataset, classes, dist_info, batch_size or eval_batch_size(config), num_workers,
-                      resolve_precision(config.precision, torch_device))
+                      resolve_precision(config.precision, torch_device), description=f"evaluating {split}")
     return CheckpointEvaluation(checkpoint, split, meta, classes, result)
 
 

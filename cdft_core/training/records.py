@@ -14,7 +14,9 @@ import torch
 from cdft_core.training import metrics as metrics_lib
 from cdft_core.training.checkpoint import RESUME_DIR, capture_rng, read_model, resume_tag, save_model, save_resume
 from cdft_core.training.distributed import all_gather_objects, barrier, broadcast_object
+from cdft_core.training.loaders import train_order
 from cdft_core.training.state import Run
+from cdft_core.training.tensorboard_log import grid_per_class, pick_grid
 
 
 def stage_dir(run: Run, index: int) -> str:
@@ -22,13 +24,15 @@ def stage_dir(run: Run, index: int) -> str:
     return f"stage{index + 1}-{run.strategy.stages[index].name}"
 
 
-def tag(run: Run, index: int, name: str) -> str:
-    """TensorBoard tags are separated per stage when a strategy has several."""
-    return f"{stage_dir(run, index)}/{name}" if len(run.strategy.stages) > 1 else name
-
-
 def record(run: Run, index: int, epoch: int, split: str, values: Mapping[str, Any]) -> None:
-    """One ``metrics.jsonl`` line and the TensorBoard scalars of an epoch's split (rank 0)."""
+    """One ``metrics.jsonl`` line and the TensorBoard scalars of an epoch's split (rank 0).
+
+    The tags never name the stage (``val/accuracy`` in every run, on the global step), so
+    a one-stage and a staged run overlay on one chart; ``train/stage`` says which stage a
+    step belongs to. A stage's test metrics (``split="test"``, once, from its best
+    weights) come with ``test/stage`` and ``test/epoch`` (the stage's best validation
+    epoch) at the step where the stage ends.
+    """
     if not run.dist.is_main:
         return
     line = {"stage": run.strategy.stages[index].name, "stage_index": index + 1, "epoch": epoch + 1, "split": split,
@@ -38,17 +42,45 @@ def record(run: Run, index: int, epoch: int, split: str, values: Mapping[str, An
         scalars = {"accuracy": values["accuracy"], "epoch_loss": values["loss"]}
     else:
         scalars = {**metrics_lib.scalars(values), "loss": values["loss"]}
+    if split == "test":
+        scalars.update(stage=index + 1, epoch=epoch + 1)
     for name, value in scalars.items():
-        run.tb.scalar(tag(run, index, f"{split}/{name}"), value, run.progress.global_step)
+        run.tb.scalar(f"{split}/{name}", value, run.progress.global_step)
 
 
-def record_rates(run: Run, index: int, rates: Mapping[str, float]) -> None:
+def record_step(run: Run, index: int, loss: float, rates: Mapping[str, float]) -> None:
+    """The TensorBoard points of a training step: ``train/loss``, ``train/stage`` (1-based) and the rates."""
+    step = run.progress.global_step
+    run.tb.scalar("train/loss", loss, step)
+    run.tb.scalar("train/stage", index + 1, step)
+    record_rates(run, rates)
+
+
+def record_rates(run: Run, rates: Mapping[str, float]) -> None:
     """TensorBoard learning rates: ``train/lr`` for one label group, ``train/lr/<label>`` for several."""
     if len(rates) == 1:
-        run.tb.scalar(tag(run, index, "train/lr"), next(iter(rates.values())), run.progress.global_step)
+        run.tb.scalar("train/lr", next(iter(rates.values())), run.progress.global_step)
         return
     for label, value in rates.items():
-        run.tb.scalar(tag(run, index, f"train/lr/{label}"), value, run.progress.global_step)
+        run.tb.scalar(f"train/lr/{label}", value, run.progress.global_step)
+
+
+def log_input_grid(run: Run) -> None:
+    """A grid of augmented training inputs of every class, labelled, as the model sees them.
+
+    The images are the first of each class in the seeded order of the first epoch, drawn
+    under their own seeded augmentation (``SeededAugmentation`` forks the RNG), so
+    the grid is the same for a seed and training consumes exactly the same random numbers
+    with or without it (``--no-tensorboard``).
+    """
+    if not run.tb.enabled:
+        return
+    classes = run.splits.classes
+    order = train_order(run.data.train, seed=run.config.seed, epoch=0, rank=0, world_size=1)
+    picks = pick_grid([int(v) for v in run.splits.train["label"]], order, classes, grid_per_class(len(classes)))
+    images = torch.stack([run.data.train[i][0] for i, _ in picks])
+    config = run.model.data_config
+    run.tb.input_grid("inputs/augmented", images, [name for _, name in picks], config["mean"], config["std"], 0)
 
 
 def save_best(run: Run, index: int) -> None:
@@ -75,7 +107,10 @@ def save_test_result(run: Run, index: int) -> None:
     _write_best_json(run, index)
     matrix = progress.best_test["confusion_matrix"]
     run.rundir.write_text(f"{stage_dir(run, index)}/confusion_matrix.csv", metrics_lib.confusion_csv(matrix, classes))
-    run.tb.confusion_matrix(tag(run, index, "test/confusion_matrix"), matrix, classes, progress.global_step)
+    stages = run.strategy.stages
+    title = (f"test confusion matrix — stage {index + 1}/{len(stages)} ({stages[index].name}), "
+             f"weights of its best validation epoch {progress.best_epoch}")
+    run.tb.confusion_matrix("test/confusion_matrix", matrix, classes, progress.global_step, title=title)
 
 
 def _write_best_json(run: Run, index: int) -> None:
@@ -161,11 +196,55 @@ def write_summary(run: Run) -> dict[str, Any] | None:
     run.rundir.write_text("confusion_matrix.csv", metrics_lib.confusion_csv(final["test"]["confusion_matrix"], classes))
     hparam_metrics = {f"test_{k}": v for k, v in metrics_lib.scalars(final["test"]).items()}
     hparam_metrics["val_accuracy"] = final["val"]["accuracy"]
-    run.tb.hparams({k: v for k, v in run.config.to_dict().items() if k not in ("output", "runs_dir")},
-                   hparam_metrics, progress.global_step)
+    run.tb.hparams(run_hparams(run), hparam_metrics, progress.global_step)
     run.log(f"done in {summary['elapsed_s']:.0f} s: test accuracy {final['test']['accuracy']:.4f} at stage "
             f"{final['index']} epoch {final['best_epoch']}; best checkpoint {run.rundir.join(final['checkpoint'])}")
     write_logs(run)
     run.rundir.write_text("summary.json", json.dumps(summary, indent=2))
     run.rundir.remove(RESUME_DIR)  # a complete run cannot be resumed: drop its optimizer state
     return summary
+
+
+def run_hparams(run: Run) -> dict[str, Any]:
+    """What makes this run what it is, as resolved (the HParams tab's columns).
+
+    Resolved means what was used, not what was asked: the backbone and adapter names the
+    model was built with (``adapter`` unset means the strategy's default), its image
+    size (unset means the backbone's), the adapter options with their defaults, the
+    protocol, precision and device. Left out: paths (data root, split file, weight file,
+    output), and what does not change the numbers (workers, logging, timeouts, evaluation
+    batch, gradient checkpointing). Types follow
+    :func:`~cdft_core.training.tensorboard_log.flatten_hparams` (None is left out).
+    """
+    config, spec, stages = run.config, run.model.spec, run.strategy.stages
+    return {
+        "dataset": config.dataset,
+        "protocol": run.splits.protocol,
+        "dataset_options": dict(config.dataset_options),
+        "folds": config.folds,
+        "val_fold": config.val_fold,
+        "test_fold": config.test_fold,
+        "num_classes": len(run.splits.classes),
+        "backbone": spec["backbone"],
+        "backbone_init": "file" if config.weights else "pretrained" if config.pretrained else "random",
+        "adapter": spec["adapter"],
+        "adapter_options": dict(spec.get("adapter_options") or {}),
+        "image_size": spec["image_size"],
+        "strategy": run.strategy.name,
+        "strategy_options": dict(config.strategy_options),
+        "stages": len(stages),
+        "optimizer": config.optimizer,
+        "lr": config.lr,
+        "weight_decay": config.weight_decay,
+        "batch_size": config.batch_size,
+        "world_size": run.dist.world_size,
+        "epochs": config.epochs,
+        "total_epochs": sum(stage.epochs or config.epochs for stage in stages),
+        "warmup_epochs": config.warmup_epochs,
+        "warmup_start_factor": config.warmup_start_factor,
+        "max_steps_per_epoch": config.max_steps_per_epoch,
+        "seed": config.seed,
+        "precision": run.precision,
+        "device": torch.device(run.dist.device).type,
+        "sync_batchnorm": config.sync_batchnorm,
+    }

@@ -19,6 +19,7 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 from cdft_core.errors import CdftError, UsageError
 from cdft_core.files import atomic_write
+from cdft_core.text import one_line
 
 #: files whose presence means "this directory holds a run"
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl")
@@ -117,16 +119,45 @@ def check_output(output: str | None, runs_dir: str) -> None:
         if rundir.exists() and rundir.fs.isfile(rundir.path):
             raise UsageError(f"--output {output!r} is a file, not a directory")
     if rundir.is_local:
-        probe = os.path.abspath(target)
-        while not os.path.exists(probe):
-            parent = os.path.dirname(probe)
-            if parent == probe:
-                break
-            probe = parent
+        option = "--output" if output else "--runs-dir"
+        probe = _existing_ancestor(target)
+        check_path_length(target, option, probe)
         if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-            option = "--output" if output else "--runs-dir"
             why = "is a file" if os.path.isfile(probe) else "does not allow writing"
-            raise UsageError(f"{option} {target!r} is not writable ({probe} {why}); choose another directory")
+            raise UsageError(f"{option} {one_line(target, 120)!r} is not writable ({probe} {why}); choose another directory")
+
+
+def _existing_ancestor(path: str) -> str:
+    """The nearest existing folder (or file) at or above ``path``."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    return probe
+
+
+def check_path_length(path: str, option: str, probe: str | None = None) -> None:
+    """Refuse a local path that the filesystem cannot hold: a name longer than its
+    NAME_MAX or a whole path reaching PATH_MAX (bytes, as the kernel counts them).
+
+    Checked before anything is created, so a refused path leaves no folders behind.
+    """
+    absolute = os.path.abspath(path)
+    probe = probe or _existing_ancestor(absolute)
+    try:
+        name_max = os.pathconf(probe, "PC_NAME_MAX")
+        path_max = os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer: the usual limits
+        name_max, path_max = 255, 4096
+    longest = max(absolute.split(os.sep), key=lambda part: len(os.fsencode(part)))
+    if name_max and name_max > 0 and len(os.fsencode(longest)) > name_max:
+        raise UsageError(f"{option} has a path component of {len(os.fsencode(longest))} bytes "
+                         f"({one_line(longest, 40)!r}); this filesystem allows {name_max}: choose a shorter name")
+    if path_max and path_max > 0 and len(os.fsencode(absolute)) >= path_max:
+        raise UsageError(f"{option} {one_line(absolute, 60)!r} is {len(os.fsencode(absolute))} bytes long; "
+                         f"paths here must be shorter than {path_max} (PATH_MAX): choose a shorter path")
 
 
 def create_run_dir(output: str | None, runs_dir: str, name: str) -> RunDir:
@@ -145,24 +176,43 @@ def create_run_dir(output: str | None, runs_dir: str, name: str) -> RunDir:
             n += 1
             candidate = f"{name}-{n}"
         rundir = RunDir(base.join(candidate))
+    created: list[str] = []
+    if rundir.is_local:
+        check_path_length(rundir.url, "--output" if output else "--runs-dir")
+        folder = os.path.abspath(rundir.url)
+        while not os.path.exists(folder):  # the folders makedirs will create, deepest first
+            created.append(folder)
+            folder = os.path.dirname(folder)
     try:
         rundir.makedirs()
         rundir.write_text(".cdft-run", "cdft run directory\n")
-    except OSError as exc:
-        raise CdftError(f"cannot create the run directory {rundir.url!r}: {exc}") from None
+    except (OSError, CdftError) as exc:
+        _remove_created(created)
+        raise CdftError(f"cannot create the run directory {one_line(rundir.url, 120)!r}: {one_line(exc)}") from None
     return rundir
+
+
+def _remove_created(folders: list[str]) -> None:
+    """Undo a failed creation: remove the folders it made (deepest first) and their marker file."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            marker = os.path.join(folder, ".cdft-run")
+            if os.path.isfile(marker):
+                os.unlink(marker)
+            os.rmdir(folder)
 
 
 def open_existing(path: str) -> RunDir:
     """A run directory to resume or evaluate; it must hold ``config.yaml``."""
+    shown = one_line(path, 120)
     try:
         rundir = RunDir(path)
     except (ValueError, ImportError) as exc:
-        raise UsageError(f"{path!r} cannot be opened: {exc}") from None
+        raise UsageError(f"{shown!r} cannot be opened: {one_line(exc)}") from None
     if not rundir.exists():
-        raise UsageError(f"run directory {path!r} does not exist")
+        raise UsageError(f"run directory {shown!r} does not exist")
     if not rundir.exists("config.yaml"):
-        raise UsageError(f"{path!r} is not a cdft run directory (no config.yaml)")
+        raise UsageError(f"{shown!r} is not a cdft run directory (no config.yaml)")
     return rundir
 
 
