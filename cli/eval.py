@@ -18,11 +18,12 @@ import click
 @click.option("--split-file", default=None, help="Evaluate the folds of this split CSV instead of the run's.")
 @click.option("--data-root", default=None, help="The images are here now (default: the run's data root).")
 @click.option("--batch-size", type=int, default=None, help="Evaluation batch size (default: the run's).")
-@click.option("--num-workers", type=int, default=0, show_default=True, help="Data-loading worker processes.")
+@click.option("--num-workers", default="auto", show_default=True,
+              help="Data-loading worker processes: a number, or auto (this process's CPUs, at most 8).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def eval_command(target: str, split: str, split_file: str | None, data_root: str | None, batch_size: int | None,
-                 num_workers: int, device: str, as_json: bool) -> None:
+                 num_workers: str, device: str, as_json: bool) -> None:
     """Evaluate the best checkpoint of RUN_DIR (or the CHECKPOINT file) and print its metrics.
 
     \b
@@ -31,17 +32,17 @@ def eval_command(target: str, split: str, split_file: str | None, data_root: str
       cdft eval runs/x/stage1-frt/best.safetensors --split val --json
     """
     from cdft_cli.output import echo_json
+    from cdft_core.config import check_num_workers
     from cdft_core.errors import UsageError
     from cdft_core.training.evaluation import evaluate_checkpoint
 
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    if num_workers < 0:
-        raise UsageError(f"--num-workers must not be negative, got {num_workers}")
+    workers = check_num_workers(num_workers)
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device {device!r} is not one of auto, cpu, cuda")
     result = evaluate_checkpoint(target, split=split, split_file=split_file, data_root=data_root,
-                                 batch_size=batch_size, num_workers=num_workers, device=device)
+                                 batch_size=batch_size, num_workers=workers, device=device)
     meta = result.metadata
     if as_json:
         echo_json({"checkpoint": result.checkpoint, "split": split, "stage": meta.get("cdft_stage"),

@@ -216,3 +216,10 @@ def test_demo_writes_outside_the_source_tree_and_reports_its_measured_time(tmp_p
     stated = re.search(r"cdft demo: done in (\d+) s", out)
     assert stated is not None, out
     assert abs(int(stated.group(1)) - measured) <= 2, (stated.group(0), measured)
+
+
+def test_eval_takes_auto_workers_and_refuses_nonsense(tmp_path):
+    code, _, err = invoke("eval", str(tmp_path / "no-run"), "--num-workers", "lots")
+    assert code == 2 and "--num-workers must be auto or a number" in err, err
+    code, _, err = invoke("eval", str(tmp_path / "no-run"), "--num-workers", "auto")
+    assert code == 2 and "--num-workers" not in err, err  # accepted; the missing run is the error

@@ -140,3 +140,18 @@ def test_an_option_the_file_was_made_without_is_refused(root, files, tmp_path):
     with pytest.raises(UsageError, match="was made without option classes, but this run asks for classes=a,b,c,d"):
         load(classes="a,b,c,d")
     assert load(groups_span_classes="yes").options["groups_span_classes"] == "yes"  # shapes nothing: not compared
+
+
+def test_config_yaml_records_the_options_the_rows_were_made_with(root, files, tmp_path):
+    """A run silent about magnification trains on the file's 200X rows: its config says 200X,
+    and the saved config repeats the run (it agrees with the split file)."""
+    import yaml
+
+    args = quick_args(root, files["200X"], strategy="linear", epochs=1)
+    code, _, err = invoke(*args, "--output", str(tmp_path / "run"), "--max-steps-per-epoch", "1")
+    assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["dataset_options"] == {"task": "malignant-subtype", "magnification": "200X", "split": "patient"}
+    code, _, err = invoke("run", "--config", str(tmp_path / "run" / "config.yaml"), "--output", str(tmp_path / "again"),
+                          "--max-steps-per-epoch", "1")
+    assert code == 0, err

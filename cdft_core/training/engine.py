@@ -139,6 +139,7 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
     torch.set_float32_matmul_precision("high")
 
     splits = load_run_splits(config)
+    config = dataclasses.replace(config, dataset_options=dict(splits.options))  # what the rows are, defaults too
     seed_everything(config.seed)  # identical initial weights on every rank
     model = build_model(
         config.backbone, adapter, len(splits.classes), pretrained=config.pretrained, weights=config.weights,
