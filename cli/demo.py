@@ -27,19 +27,21 @@ DEMO_DATA = {"patients_per_type": 5, "images_per_magnification": 2}
 
 
 def default_output() -> str:
-    """The demo's working directory when ``--output`` is not given: the user's cache, not the current directory."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "cdft", "demo")
+    """The demo's working directory when ``--output`` is not given: ``demo/`` in cdft's
+    cache dir (the one the image cache uses), never the current directory."""
+    from cdft_core.data.cache_dir import default_cache_dir
+
+    return os.path.join(default_cache_dir(), "demo")
 
 
 @click.command("demo")
 @click.option("--output", default=None, metavar="DIR",
               help="Working directory for the synthetic data, split file and runs/ (reused by later demos) "
-                   "[default: $XDG_CACHE_HOME/cdft/demo, i.e. ~/.cache/cdft/demo].")
+                   "[default: demo/ in cdft's cache dir: $CDFT_CACHE_DIR, else ~/.cache/cdft].")
 @click.option("--epochs", type=int, default=5, show_default=True, help="Epochs per stage.")
 @click.option("--image-size", type=int, default=64, show_default=True, help="Input size of the tiny ViT.")
 @click.option("--num-workers", default="0", show_default=True, metavar="N|auto",
-              help="Data-loading worker processes (auto: one per CPU, at most 8).")
+              help="Data-loading worker processes (auto: this process's share of the CPUs, at most 8; 0 on one CPU).")
 @click.option("--max-steps-per-epoch", type=int, default=None, help="Cap the steps of each epoch (quicker, for tests).")
 def demo_command(output: str | None, epochs: int, image_size: int, num_workers: str,
                  max_steps_per_epoch: int | None) -> None:

@@ -350,3 +350,15 @@ def test_a_worker_copy_of_an_image_error_keeps_one_line():
 def test_unknown_names_suggest_each_name_once(tmp_path_factory, tmp_path, replace, expected):
     line = _refused(tmp_path, tmp_path_factory, (), **replace)
     assert line == f"cdft: error: {expected}"
+
+
+def test_a_backbone_that_cannot_be_measured_is_left_to_the_real_build(monkeypatch):
+    """A plugin backbone whose constructor does not run on the meta device is not refused."""
+    from cdft_core.training import preflight
+
+    def cannot(*args, **kwargs):
+        raise TypeError("this constructor needs real tensors")
+
+    monkeypatch.setattr(preflight, "_build_meta", cannot)
+    assert preflight.input_cost("test_vit", 64) is None
+    assert preflight.input_cost("test_vit", None) is None

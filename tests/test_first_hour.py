@@ -189,6 +189,9 @@ def test_evaluation_shows_a_bar_on_a_terminal_only(capsys, monkeypatch):
 def test_demo_default_location_is_the_user_cache(tmp_path, monkeypatch):
     from cdft_cli.demo import default_output
 
+    monkeypatch.setenv("CDFT_CACHE_DIR", str(tmp_path / "cdft-cache"))
+    assert default_output() == str(tmp_path / "cdft-cache" / "demo")
+    monkeypatch.delenv("CDFT_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_output() == str(tmp_path / "xdg" / "cdft" / "demo")
     monkeypatch.delenv("XDG_CACHE_HOME")
@@ -199,7 +202,7 @@ def test_demo_default_location_is_the_user_cache(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_demo_writes_outside_the_source_tree_and_reports_its_measured_time(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("CDFT_CACHE_DIR", str(tmp_path / "cache" / "cdft"))
     monkeypatch.chdir(REPO)  # started from the source tree, it writes nothing there
     before = sorted(os.listdir(REPO))
     started = time.perf_counter()

@@ -130,6 +130,8 @@ def test_a_resumed_log_writes_no_point_twice(tmp_path):
     first.scalar("train/loss", 1.0, 7)
     first.close()
     (tmp_path / "events.out.tfevents.0.cut").write_bytes(struct.pack("<Q", 1000) + b"\0" * 14)  # cut short by a kill
+    (tmp_path / "events.out.tfevents.0.huge").write_bytes(struct.pack("<Q", 1 << 40) + b"\0" * 8)  # a damaged header
+    (tmp_path / "events.out.tfevents.0.junk").write_bytes(bytes(range(256)) * 4)  # not TFRecord at all
     assert tags_at(str(tmp_path), 6) == {"val/accuracy", "test/accuracy"}
     # event files sort by their name's whole-second time, then a per-process counter that does
     # not sort numerically: a resumed run starts later, so its file must get a later second

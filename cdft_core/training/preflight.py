@@ -150,6 +150,7 @@ def _measure(backbone: str, image_size: int | None) -> InputCost | None:
         if image_size is None:
             return None
         _refuse_size(backbone, image_size, exc)
+        return None  # not measurable even at its own size: the real build decides
     model = getattr(built, "model", built)
     stride = _stride(model)
     if stride and size < stride:
@@ -166,6 +167,7 @@ def _measure(backbone: str, image_size: int | None) -> InputCost | None:
         if image_size is None:
             return None  # not even the backbone's own size passes: meta tensors are not supported
         _refuse_size(backbone, size, exc)
+        return None
     finally:
         for hook in hooks:
             hook.remove()
@@ -205,11 +207,12 @@ def _works(backbone: str, size: int) -> bool:
 
 
 def _refuse_size(backbone: str, size: int, exc: BaseException | None) -> None:
-    """Raise the one-line error for an image size the backbone cannot take, with sizes that work."""
+    """Raise the one-line error for an image size the backbone cannot take, with sizes that
+    work; return quietly when the backbone cannot be measured at all (a plugin whose
+    constructor does not run on the meta device): the real build then decides."""
     default = input_cost(backbone, None)
-    if default is None:  # the backbone cannot be measured at all: leave it to the real build
-        raise UsageError(f"backbone {backbone!r} cannot take {size} px images ({one_line(exc)}); "
-                         f"choose another --image-size") from None
+    if default is None:
+        return
     stride = default.stride or 1
     patch = "one patch" if stride > 1 else "one pixel"
     kind = "patch" if _is_patch(backbone) else "total stride"

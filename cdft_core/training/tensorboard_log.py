@@ -112,9 +112,12 @@ def tags_at(log_dir: str, step: int) -> set[str]:
         return tags
     for name in files:
         try:
+            size = int(fs.size(name))
             with fs.open(name, "rb") as handle:
                 while len(header := handle.read(12)) == 12:  # length (8 bytes), its CRC (4)
                     (length,) = struct.unpack("<Q", header[:8])
+                    if length > size - handle.tell():  # a damaged header: never read past the file
+                        break
                     data = handle.read(length)
                     handle.read(4)  # the data's CRC
                     if len(data) < length:
@@ -122,7 +125,7 @@ def tags_at(log_dir: str, step: int) -> set[str]:
                     event = event_pb2.Event.FromString(data)
                     if event.step == step and event.HasField("summary"):
                         tags.update(value.tag for value in event.summary.value)
-        except (OSError, DecodeError):
+        except (OSError, ValueError, DecodeError):
             continue
     return tags
 
