@@ -7,8 +7,12 @@
 #   1. each built-in strategy (linear, full, frt, staged) on CUDA in bf16 and in fp16
 #      (grad scaler), with a ViT and a ConvNeXt, a few steps each, then `cdft eval` of
 #      the saved checkpoint, which must reproduce the run's summary;
-#   2. a BatchNorm backbone (test_resnet) with --sync-batchnorm through torchrun (nccl);
-#   3. the GPU benchmarks (benchmarks/*.py with --device cuda, --json), when present.
+#   2. the GPU step (cdft_core/training/speed.py): each backbone with --compile (torch.compile)
+#      in the first precision, and a resume of a run interrupted (SIGTERM) mid-epoch with
+#      persistent loader workers, fused Adam and, for the ConvNeXt, channels_last;
+#   3. a BatchNorm backbone (test_resnet) with --sync-batchnorm through torchrun (nccl);
+#   4. the GPU benchmarks (benchmarks/*.py with --device cuda, --json), when present;
+#      train_step.py within a time budget (SMOKE_BENCH_BUDGET seconds, default 300).
 # Every step's output goes to OUT_DIR/logs/<step>.log; a table of pass/fail and seconds is
 # printed at the end and written to OUT_DIR/smoke.json. The script continues past a
 # failing step so one run shows every broken path; its exit status is the number of
@@ -17,16 +21,23 @@ set -u -o pipefail
 
 OUT_DIR="${1:-${OUT:-/tmp/cdft-gpu-smoke}}"
 # a CPU dry run of the script's plumbing: SMOKE_DEVICE=cpu SMOKE_PRECISIONS=fp32 SMOKE_BACKBONES=test_vit
+# a shorter CUDA run: SMOKE_STRATEGIES=full SMOKE_LARGE=0 (no ViT-B staged, torchrun or benchmarks)
 DEVICE="${SMOKE_DEVICE:-cuda}"
 PRECISIONS="${SMOKE_PRECISIONS:-bf16 fp16}"
 BACKBONES="${SMOKE_BACKBONES:-test_vit test_convnext}"
+STRATEGIES="${SMOKE_STRATEGIES:-linear full frt staged}"
+LARGE="${SMOKE_LARGE:-1}"
+BENCH_BUDGET="${SMOKE_BENCH_BUDGET:-300}"
 PY="${PYTHON:-python}"
 mkdir -p "$OUT_DIR/logs"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 
-if ! "$PY" -c "import cdft_core" 2>/dev/null; then
-  "$PY" -m pip install -q -e '.[dev]' >"$OUT_DIR/logs/install.log" 2>&1 || { echo "install failed"; exit 1; }
+if ! "$PY" -c "import cdft_cli" 2>/dev/null; then
+  # offline GPU machines have the dependencies but no package index: then install cdft alone
+  "$PY" -m pip install -q -e '.[dev]' >"$OUT_DIR/logs/install.log" 2>&1 \
+    || "$PY" -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT_DIR/logs/install.log" 2>&1 \
+    || { echo "install failed"; exit 1; }
 fi
 if [ "$DEVICE" = cuda ]; then
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)" \
@@ -74,7 +85,7 @@ EOF
 }
 
 for backbone in $BACKBONES; do
-  for strategy in linear full frt staged; do
+  for strategy in $STRATEGIES; do
     for precision in $PRECISIONS; do
       step "$backbone-$strategy-$precision" run_and_eval "$OUT_DIR/runs/$backbone-$strategy-$precision" \
         --backbone "$backbone" --strategy "$strategy" --precision "$precision" --image-size 64
@@ -82,7 +93,37 @@ for backbone in $BACKBONES; do
   done
 done
 
-if [ "$DEVICE" = cuda ]; then
+# --compile: compiled runs whose checkpoints cdft eval (eager) reproduces
+FIRST_PRECISION="${PRECISIONS%% *}"
+for backbone in $BACKBONES; do
+  step "$backbone-full-$FIRST_PRECISION-compile" run_and_eval "$OUT_DIR/runs/$backbone-full-compile" \
+    --backbone "$backbone" --strategy full --precision "$FIRST_PRECISION" --image-size 64 --compile
+done
+
+resume_matches() {  # resume_matches NAME cdft-run-options...: SIGTERM mid-epoch, resume, same summary as uninterrupted
+  local name="$1"; shift
+  local base=("$PY" -m cdft_cli run --dataset breakhis --data-root "$ROOT" --split-file "$SPLIT" --val-fold 0
+              --test-fold 1 --no-pretrained --device "$DEVICE" --epochs 2 --max-steps-per-epoch 5 --batch-size 4
+              --image-size 64 --num-workers 2 "$@")
+  "${base[@]}" --output "$OUT_DIR/runs/$name-ref" || return 1
+  CDFT_TEST_FAULT="stage=1,epoch=2,step=2,action=sigterm" "${base[@]}" --output "$OUT_DIR/runs/$name"
+  [ $? -eq 143 ] || { echo "expected exit 143 (SIGTERM state saved)"; return 1; }
+  "$PY" -m cdft_cli run --resume "$OUT_DIR/runs/$name" || return 1
+  "$PY" - "$OUT_DIR/runs/$name" "$OUT_DIR/runs/$name-ref" <<'EOF' || return 1
+import json, sys
+got, want = (json.load(open(f"{d}/summary.json")) for d in sys.argv[1:])
+print("resumed test", got["test"]["accuracy"], got["test"]["loss"], "| uninterrupted", want["test"]["accuracy"], want["test"]["loss"])
+# CUDA is not bit-reproducible (cuDNN autotuning, atomics): the same predictions, losses within tolerance
+assert got["test"]["accuracy"] == want["test"]["accuracy"], (got["test"], want["test"])
+assert abs(got["test"]["loss"] - want["test"]["loss"]) <= 2e-2 * max(1.0, abs(want["test"]["loss"])), (got["test"], want["test"])
+EOF
+}
+for backbone in $BACKBONES; do
+  step "$backbone-full-$FIRST_PRECISION-resume" resume_matches "$backbone-resume" \
+    --backbone "$backbone" --strategy full --precision "$FIRST_PRECISION"
+done
+
+if [ "$DEVICE" = cuda ] && [ "$LARGE" = 1 ]; then
 # a larger ViT at the paper's input size, bf16, staged: the realistic memory path
 step "vit_base-staged-bf16-224" run_and_eval "$OUT_DIR/runs/vit_base-staged" \
   --backbone vit_base_patch16_224 --strategy staged --precision bf16 --batch-size 32
@@ -93,7 +134,9 @@ step "resnet-full-syncbn-torchrun" run_and_eval "$OUT_DIR/runs/resnet-syncbn" \
 
 for bench in benchmarks/*.py; do
   name="bench-$(basename "$bench" .py)"
-  step "$name" "$PY" "$bench" --device cuda --json
+  extra=()
+  [ "$name" = bench-train_step ] && extra=(--time-budget "$BENCH_BUDGET")
+  step "$name" "$PY" "$bench" --device cuda --json "${extra[@]}"
   cp "$OUT_DIR/logs/$name.log" "$OUT_DIR/$name.json" 2>/dev/null || true
 done
 fi

@@ -72,8 +72,11 @@ class RunConfig:
     num_workers: int | str = field(default="auto", metadata={"help": "data-loading worker processes per training process; auto: the CPUs this process may use, at most 8 (0 with one CPU)"})
     dist_timeout: float = field(default=1800.0, metadata={"help": "seconds a collective may wait before the job fails"})
     sync_batchnorm: bool = field(default=False, metadata={"help": "BatchNorm statistics over all processes' batches (CUDA, several processes)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (first steps compile; same results within float tolerance)"})
     cache: bool = field(default=True, metadata={"help": "decode and resize each image once into a memory-mapped cache that later epochs, runs and processes reuse (same results)"})
     cache_dir: str | None = field(default=None, metadata={"help": "local directory of the image cache; unset: $CDFT_CACHE_DIR, else the user cache dir (~/.cache/cdft)"})
+    feature_cache: bool = field(default=True, metadata={"help": "while a stage's backbone is frozen, compute its validation and test features once and reuse them every epoch (same results)"})
+    train_views: int | None = field(default=None, metadata={"help": "frozen stages: compute N augmented views of each training image once and train epoch e on view e mod N (an approximation); unset: augment afresh every epoch"})
     # -- output ------------------------------------------------------------------------
     output: str | None = field(default=None, metadata={"help": "the run directory (local path or fsspec URL); must not hold results"})
     runs_dir: str = field(default="runs", metadata={"help": "parent of automatically named run directories"})
@@ -203,7 +206,7 @@ def _is_int(value: Any) -> bool:
 #: What a resumed run may change: where the same data now live and how they are loaded;
 #: nothing that changes what is computed.
 RESUME_OVERRIDES: tuple[str, ...] = ("data_root", "split_file", "num_workers", "dist_timeout", "log_every", "cache",
-                                     "cache_dir")
+                                     "cache_dir", "feature_cache")
 
 
 def resolve_config(overrides: Mapping[str, Any], *, preset: str | None = None, resume: str | None = None) -> RunConfig:
@@ -284,7 +287,7 @@ def validate(config: RunConfig) -> None:
         if getattr(config, name) < 1:
             raise UsageError(f"{option} must be at least 1, got {getattr(config, name)}")
     for name, option in (("eval_batch_size", "--eval-batch-size"), ("max_steps_per_epoch", "--max-steps-per-epoch"),
-                         ("image_size", "--image-size"), ("folds", "--folds")):
+                         ("image_size", "--image-size"), ("folds", "--folds"), ("train_views", "--train-views")):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}")
@@ -316,6 +319,9 @@ def validate(config: RunConfig) -> None:
             close = ["cuda"] if value == "gpu" else difflib.get_close_matches(str(value), choices, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UsageError(f"--{name} {value!r} is not one of {', '.join(choices)}; {hint}".rstrip("; ").rstrip())
+    if config.train_views is not None and not config.feature_cache:
+        raise UsageError(f"--train-views {config.train_views} stores training views in the feature cache; "
+                         f"drop --no-feature-cache (or --train-views)")
     if config.pretrained is False and config.weights:
         raise UsageError("--no-pretrained and --weights contradict each other; drop one")
     if config.cache_dir and ("://" in config.cache_dir or "::" in config.cache_dir):

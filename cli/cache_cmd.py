@@ -1,5 +1,6 @@
-"""``cdft cache list`` / ``cdft cache clear``: the decoded-image cache of ``cdft run``
-(:mod:`cdft_core.data.image_cache`), shown and freed."""
+"""``cdft cache list`` / ``cdft cache clear``: the caches of ``cdft run`` and ``cdft probe``
+— decoded images (:mod:`cdft_core.data.image_cache`) and a frozen backbone's features
+(:mod:`cdft_core.training.feature_store`) — shown and freed."""
 
 from __future__ import annotations
 
@@ -15,28 +16,29 @@ _CACHE_DIR = click.option("--cache-dir", default=None, metavar="DIR",
 
 @click.group("cache")
 def cache_command() -> None:
-    """Show or free the decoded-image cache that `cdft run` builds (`--no-cache` bypasses it)."""
+    """Show or free the caches `cdft run` builds: decoded images (`--no-cache` bypasses them) and
+    frozen-backbone features (`--no-feature-cache`)."""
 
 
 @cache_command.command("list")
 @_CACHE_DIR
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects.")
 def list_command(cache_dir: str | None, as_json: bool) -> None:
-    """List the caches: key, images, size in pixels, MB on disk, last use, data root."""
-    from cdft_core.data.cache_dir import images_dir, list_caches
+    """List the caches: key, kind, images, what they hold, MB on disk, last use, data root."""
+    from cdft_core.data.cache_dir import cache_root, list_caches
 
     entries = list_caches(cache_dir)
     if as_json:
         echo_json([e.to_json() for e in entries])
         return
-    where = images_dir(cache_dir)
+    where = cache_root(cache_dir)
     if not entries:
-        click.echo(f"no image caches in {where}")
+        click.echo(f"no caches in {where}")
         return
-    rows = [(e.key[:12], e.images if e.complete else "incomplete", f"{e.size} {e.interpolation}".strip(),
+    rows = [(e.key[:12], e.kind, e.images if e.complete else "incomplete", f"{e.size} {e.interpolation}".strip(),
              f"{e.megabytes:.1f}", time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)), e.root)
             for e in entries]
-    click.echo(table(rows, ("key", "images", "size", "MB", "last used", "data root"), max_width=None))
+    click.echo(table(rows, ("key", "kind", "images", "contents", "MB", "last used", "data root"), max_width=None))
     click.echo(f"\n{len(entries)} cache{'s' if len(entries) != 1 else ''}, "
                f"{sum(e.megabytes for e in entries):.1f} MB in {where}")
 
@@ -47,9 +49,10 @@ def list_command(cache_dir: str | None, as_json: bool) -> None:
 def clear_command(keys: tuple[str, ...], cache_dir: str | None) -> None:
     """Remove every cache, or those whose key starts with one of KEYS (see `cdft cache list`).
 
-    A cache that a process is building or using (a running job, `cdft eval`) is left in place.
+    A cache that a process is building or using (a running job, `cdft eval`) is left in place;
+    anything in the cache dir that is not a cdft cache folder is never touched.
     """
-    from cdft_core.data.cache_dir import clear_caches, images_dir
+    from cdft_core.data.cache_dir import cache_root, clear_caches
 
     removed, busy = clear_caches(cache_dir, keys)
     for entry in busy:
@@ -58,4 +61,4 @@ def clear_command(keys: tuple[str, ...], cache_dir: str | None) -> None:
         warn(f"no cache key starts with {', '.join(keys)} (see `cdft cache list`)")
     freed = sum(e.megabytes for e in removed)
     click.echo(f"removed {len(removed)} cache{'s' if len(removed) != 1 else ''}, freed {freed:.1f} MB "
-               f"in {images_dir(cache_dir)}")
+               f"in {cache_root(cache_dir)}")

@@ -26,9 +26,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("cdft_cli.prepare", "prepare_command", "Scan a dataset and write a leakage-free split CSV."),
     "make-synthetic": ("cdft_cli.synthetic", "make_synthetic_command", "Write a small synthetic dataset (BreakHis layout)."),
     "run": ("cdft_cli.run", "run_command", "Fine-tune a backbone (single process or torchrun-launched)."),
+    "cv": ("cdft_cli.cv_cmd", "cv_command", "Cross-validate: every rotation of the fold protocol, with mean, std and 95% CI."),
+    "grid": ("cdft_cli.grid_cmd", "grid_command", "Run, list or print the cells of a grid of cross-validations (GRID.yaml)."),
     "eval": ("cdft_cli.eval", "eval_command", "Re-evaluate a saved run or checkpoint."),
+    "probe": ("cdft_cli.probe", "probe_command", "Linear heads for a grid of lrs and weight decays at once, on cached features."),
     "demo": ("cdft_cli.demo", "demo_command", "Synthetic data + staged fine-tune of a tiny model, end to end on CPU."),
-    "cache": ("cdft_cli.cache_cmd", "cache_command", "Show or free the decoded-image cache (`cdft cache list`, `clear`)."),
+    "cache": ("cdft_cli.cache_cmd", "cache_command", "Show or free the image and feature caches (`cdft cache list`, `clear`)."),
 }
 
 

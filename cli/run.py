@@ -10,8 +10,9 @@ workers run this same command and train in-process as ranks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -59,10 +60,18 @@ class _SectionedCommand(click.Command):
                 formatter.write_dl(records)
 
 
-def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
+def config_options(names: Collection[str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator adding one click option per config field (``names`` only, when given),
+    each defaulting to None so given options are known (``cdft run``, ``cdft probe``)."""
+    return functools.partial(_config_options, names=names)
+
+
+def _config_options(func: Callable[..., Any], names: Collection[str] | None = None) -> Callable[..., Any]:
     """One click option per config field, defaulting to None so given options are known."""
     defaults = RunConfig()
     for f in reversed(dataclasses.fields(RunConfig)):
+        if names is not None and f.name not in names:
+            continue
         help_text = f.metadata.get("help", "")
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
@@ -126,7 +135,7 @@ def run_command(ctx: click.Context, config_file: str | None, resume: str | None,
     from cdft_core.training.rundir import check_output
 
     launch_options = LaunchOptions(**{name: params.pop(name) for name in LAUNCH_PARAMS})
-    config = resolve_config(_overrides(params), preset=config_file, resume=resume)
+    config = resolve_config(config_overrides(params), preset=config_file, resume=resume)
     if not resume and not launched_by_torchrun():
         check_output(config.output, config.runs_dir)
     preflight(config)
@@ -144,7 +153,7 @@ def run_command(ctx: click.Context, config_file: str | None, resume: str | None,
         print_results(summary)
 
 
-def _overrides(params: Mapping[str, Any]) -> dict[str, Any]:
+def config_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
     """The config keys given on the command line (None and empty repeats mean "not given")."""
     from cdft_core.config import parse_key_values
 
@@ -212,4 +221,5 @@ def print_results(summary: Mapping[str, Any]) -> None:
     click.echo(f"\ntest confusion matrix:\n{format_confusion(summary['test']['confusion_matrix'], summary['classes'])}")
     run_dir = summary["run_dir"]
     click.echo(f"\nrun directory: {run_dir}")
-    click.echo(f"tensorboard --logdir {run_dir.rstrip('/')}/tensorboard")
+    if summary.get("kind") != "probe":  # a probe writes no event files
+        click.echo(f"tensorboard --logdir {run_dir.rstrip('/')}/tensorboard")

@@ -294,7 +294,7 @@ def test_an_image_that_goes_bad_mid_run_leaves_a_resumable_run(tmp_path_factory,
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"this is not a PNG any more")
     run_dir = tmp_path / "run"
-    args = quick_args(str(data), split, strategy="linear", epochs=2)
+    args = quick_args(str(data), split, strategy="full", epochs=2)
     args[args.index("--num-workers") + 1] = "1"  # the error comes back from a loader worker
     command = [sys.executable, "-c", _CORRUPTING_RUN, str(image), str(garbage), *args, "--no-cache",
                "--output", str(run_dir)]

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import textwrap
 import threading
 from pathlib import Path
 
@@ -14,9 +15,18 @@ import pytest
 import torch
 import yaml
 from helpers_data import DATA_CONFIG, copy_to_memory, hcrf_root, small_breakhis_root, zip_tree
-from helpers_engine import engine_data, invoke, quick_args, read_json, run_subprocess, staged_args, staged_run
+from helpers_engine import (
+    engine_data,
+    invoke,
+    quick_args,
+    read_json,
+    run_subprocess,
+    staged_args,
+    staged_run,
+    subprocess_env,
+)
 
-from cdft_core.data import cache_dir, image_cache
+from cdft_core.data import image_cache
 from cdft_core.data.cache_dir import list_caches
 from cdft_core.data.image_cache import cache_for_tables, open_cache
 from cdft_core.data.images import ImageDataset
@@ -146,8 +156,9 @@ def test_truncated_or_corrupt_cache_is_rebuilt(local_root, table, damage):
     else:
         meta.write_text(json.dumps({**json.loads(meta.read_text()), "shape": [5, 3, 8, 8]}))
     Path(cache.directory).with_name(f".tmp-{cache.key}-1-dead").mkdir()  # left by a killed builder
+    del cache  # closed: nobody else has it open, so the rebuild removes the damaged folder
     again = open_cache(root, paths, SPEC)
-    assert again.status == "built" and again.directory == cache.directory
+    assert again.status == "built" and again.directory == str(data.parent)
     assert all(torch.equal(again.image(i), expected[i]) for i in range(5))
     assert [e.complete for e in list_caches()] == [True]
 
@@ -166,44 +177,6 @@ def test_reuse_only_mode_transform_checks_and_missing_images(local_root, table):
         open_cache(root, ["no/such/image.png"], SPEC)
 
 
-def test_cache_dir_comes_from_the_environment_and_cli_lists_and_clears(tmp_path, local_root, table, monkeypatch):
-    root = local_root
-    assert cache_dir.images_dir() == Path(os.environ["CDFT_CACHE_DIR"]) / "images"  # conftest's temporary dir
-    monkeypatch.delenv("CDFT_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    if not _has_platformdirs():
-        assert cache_dir.default_cache_dir() == str(tmp_path / "xdg" / "cdft")
-    mine = str(tmp_path / "mine")
-    for size in (16, 24):
-        open_cache(root, table["image_path"].iloc[:3], ResizeSpec(size, size, "bicubic"), cache_dir=mine)
-    in_use = open_cache(root, table["image_path"].iloc[:3], ResizeSpec(8, 8, "bicubic"), cache_dir=mine)
-    code, out, err = invoke("cache", "list", "--cache-dir", mine)
-    assert code == 0, err
-    assert "16x16 bicubic" in out and "24x24 bicubic" in out and "3 caches" in out and "MB" in out
-    code, out, _ = invoke("cache", "list", "--cache-dir", mine, "--json")
-    entries = json.loads(out)
-    assert sorted(e["size"] for e in entries) == ["16x16", "24x24", "8x8"] and all(e["images"] == 3 for e in entries)
-    unused = [e for e in entries if e["size"] != "8x8"]
-    code, out, _ = invoke("cache", "clear", unused[0]["key"][:8], "--cache-dir", mine)
-    assert code == 0 and "removed 1 cache" in out
-    code, out, err = invoke("cache", "clear", "--cache-dir", mine)  # the one still open stays
-    assert code == 0 and "removed 1 cache" in out and "freed" in out and "left in place" in err
-    assert [e.size for e in list_caches(mine)] == ["8x8"] and in_use.image(0).shape == (3, 8, 8)
-    del in_use  # closed: now it goes
-    code, out, _ = invoke("cache", "clear", "--cache-dir", mine)
-    assert code == 0 and "removed 1 cache" in out and list_caches(mine) == []
-    code, _, err = invoke("cache", "list", "--cache-dir", "s3://bucket/cache")
-    assert code == 2 and "must be a local directory" in err
-
-
-def _has_platformdirs() -> bool:
-    try:
-        import platformdirs  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def test_resume_may_switch_the_cache(tmp_path_factory, tmp_path):
     from cdft_core.config import RunConfig, dump_yaml, merge, resolve_config
 
@@ -219,7 +192,10 @@ def test_resume_may_switch_the_cache(tmp_path_factory, tmp_path):
 @pytest.mark.slow
 def test_runs_with_and_without_cache_are_identical(tmp_path_factory, tmp_path):
     """The staged reference run (cache on, the default) against the same run decoding every
-    image, with loader workers: every metric line, bit for bit; `cdft eval` reuses the cache."""
+    image, with loader workers: every metric line, bit for bit; the same run again reuses
+    the reference's cache, and so does `cdft eval`."""
+    from cdft_core.training.evaluation import evaluate_checkpoint
+
     reference = staged_run(tmp_path_factory)
     root, split = engine_data(tmp_path_factory)
     args = staged_args(root, split)
@@ -231,31 +207,72 @@ def test_runs_with_and_without_cache_are_identical(tmp_path_factory, tmp_path):
     assert read_json(tmp_path / "plain" / "summary.json")["test"] == read_json(reference / "summary.json")["test"]
     assert yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())["cache"] is False
 
-    cached = tmp_path / "cached"  # the same run again, with workers mapping the cache: reused, identical
-    code, _, err = invoke(*args, "--output", str(cached))
+    # the reference's cache (its cache dir was an earlier test's): the same run again, workers mapping it
+    folder = re.findall(r"image cache (?:built|reused)\b.*, (\S+)$", (reference / "train.log").read_text(), re.M)[-1]
+    cached = tmp_path / "cached"
+    code, _, err = invoke(*args, "--output", str(cached), "--cache-dir", str(Path(folder).parent.parent))
     assert code == 0, err
-    assert "image cache built" in err or "image cache reused" in err
+    assert re.search(rf"image cache reused: .*, {re.escape(folder)}$", err, re.M), err
     assert (cached / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
-    before = {e.key for e in list_caches()}
     code, out, err = invoke("eval", str(cached), "--json")
     assert code == 0, err
     assert json.loads(out)["metrics"] == read_json(cached / "summary.json")["test"]
-    assert {e.key for e in list_caches()} == before  # reused, nothing built
+    evaluation = evaluate_checkpoint(str(cached))
+    assert evaluation.image_cache == folder and evaluation.metrics == json.loads(out)["metrics"]
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_with_and_without_cache_are_identical(tmp_path_factory, tmp_path):
-    """Two ranks open (and one builds) the cache at once; the run matches the uncached one exactly."""
+    """Two ranks open the cache at once: exactly one builds it, the other waits for it or
+    reuses it; the run matches the uncached one exactly."""
     root, split = engine_data(tmp_path_factory)
     args = quick_args(root, split, strategy="full", epochs=1)
+    statuses = tmp_path / "statuses.txt"
+    env = subprocess_env(PYTHONPATH=os.pathsep.join(filter(None, [str(_status_recorder(tmp_path, statuses)),
+                                                                  os.environ.get("PYTHONPATH")])))
     done = {}
     for name, extra in (("cached", ()), ("plain", ("--no-cache",))):
-        done[name] = run_subprocess(*args, "--output", str(tmp_path / name), "--nproc-per-node", "2", *extra)
+        done[name] = run_subprocess(*args, "--output", str(tmp_path / name), "--nproc-per-node", "2", *extra,
+                                    env=env)
         assert done[name].returncode == 0, done[name].stderr[-3000:]
-    # rank 0 says whether it built, waited for rank 1's build, or found rank 1's finished cache
-    assert len(re.findall(r"image cache (?:built|reused)", done["cached"].stderr)) == 1
+    ranks = dict(line.split(" ", 1) for line in statuses.read_text().splitlines())  # the plain run opens none
+    assert sorted(ranks) == ["0", "1"], ranks
+    assert sorted(ranks.values()) in (["built", "built by another process"], ["built", "reused"]), ranks
     assert "image cache" not in done["plain"].stderr
     assert read_json(tmp_path / "cached" / "summary.json")["world_size"] == 2
     assert (tmp_path / "cached" / "metrics.jsonl").read_text() == (tmp_path / "plain" / "metrics.jsonl").read_text()
-    assert [e.complete for e in list_caches()] == [True]
+    assert [e.complete for e in list_caches()] == [True]  # one cache, no temporary folder left
+
+
+def _status_recorder(tmp_path: Path, statuses: Path) -> Path:
+    """A folder for PYTHONPATH whose ``sitecustomize`` makes every process append
+    ``<RANK> <status>`` to ``statuses`` for each image cache it opens: each rank's status.
+    Building takes 3 s longer, so that the other rank asks while it runs."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(textwrap.dedent(f"""\
+        import os
+        import time
+
+        from cdft_core.data import image_cache
+
+        _open_cache, _fill = image_cache.open_cache, image_cache._fill
+
+
+        def open_cache(*args, **kwargs):
+            cache = _open_cache(*args, **kwargs)
+            if cache is not None:
+                with open({str(statuses)!r}, "a") as out:
+                    out.write(f"{{os.environ.get('RANK', '-')}} {{cache.status}}\\n")
+            return cache
+
+
+        def slow_fill(*args, **kwargs):
+            time.sleep(3)
+            return _fill(*args, **kwargs)
+
+
+        image_cache.open_cache, image_cache._fill = open_cache, slow_fill
+    """))
+    return folder

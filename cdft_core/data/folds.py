@@ -10,7 +10,9 @@ Why these live apart from the datasets: the same few recipes serve every dataset
   result is explainable and stable across scikit-learn versions.
 - A :class:`FoldProtocol` says which folds are train, validation and test for a given
   ``val_fold``/``test_fold``: ``standard`` (train on the rest) and ``low-data`` (the HCRF
-  paper: train on the one fold named as test fold, test on the rest).
+  paper: train on the one fold named as test fold, test on the rest). It also states its
+  cross-validation rotations (the ``val_fold``/``test_fold`` pairs ``cdft cv`` runs),
+  because only the protocol knows which pairs give every fold its turn.
 
 pandas, numpy and scikit-learn are imported inside the functions: plugin modules import
 this module and must stay cheap to import.
@@ -23,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cdft_core.errors import UsageError
+from cdft_core.errors import CdftError, UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,11 +40,17 @@ class FoldProtocol:
 
     ``select(folds, val_fold, test_fold)`` receives the sorted fold numbers present in
     the table and returns ``{"train": [...], "val": [...], "test": [...]}``.
+
+    ``rotations(k)`` states the protocol's cross-validation for ``k`` folds: one
+    ``(val, test)`` pair per rotation, as positions ``0..k-1`` in the sorted folds
+    (:func:`fold_rotations` turns them into fold numbers). ``None``: the protocol
+    declares no rotations, and ``cdft cv`` says so instead of guessing.
     """
 
     name: str
     description: str
     select: Callable[[Sequence[int], int, int], dict[str, list[int]]]
+    rotations: Callable[[int], Sequence[tuple[int, int]]] | None = None
 
 
 def _standard(folds: Sequence[int], val_fold: int, test_fold: int) -> dict[str, list[int]]:
@@ -53,15 +61,29 @@ def _low_data(folds: Sequence[int], val_fold: int, test_fold: int) -> dict[str, 
     return {"train": [test_fold], "val": [val_fold], "test": [f for f in folds if f not in (val_fold, test_fold)]}
 
 
+def standard_rotations(k: int) -> list[tuple[int, int]]:
+    """Rotation r tests on fold r and validates on fold (r+1) mod k: every fold is tested once."""
+    return [((r + 1) % k, r) for r in range(k)]
+
+
+def low_data_rotations(k: int) -> list[tuple[int, int]]:
+    """Rotation r validates on fold r and trains on fold (r+1) mod k (the fold named test_fold),
+    testing on the others: every fold is the training fold once, and rotation 0 is the
+    HCRF paper's own run (val_fold 0, test_fold 1)."""
+    return [(r, (r + 1) % k) for r in range(k)]
+
+
 STANDARD = FoldProtocol(
     "standard",
     "train = every fold except the validation and test folds; val = val_fold; test = test_fold",
     _standard,
+    standard_rotations,
 )
 LOW_DATA = FoldProtocol(
     "low-data",
     "the HCRF paper's protocol: train = the fold named test_fold only; val = val_fold; test = every other fold",
     _low_data,
+    low_data_rotations,
 )
 #: The protocols every :class:`~cdft_core.data.protocol.BaseDataset` offers.
 PROTOCOLS: dict[str, FoldProtocol] = {p.name: p for p in (STANDARD, LOW_DATA)}
@@ -91,6 +113,23 @@ def split_table(
             )
         parts.append(rows)
     return parts[0], parts[1], parts[2]
+
+
+def fold_rotations(protocol: FoldProtocol, folds: Sequence[int]) -> list[tuple[int, int]]:
+    """The ``(val_fold, test_fold)`` fold numbers of each rotation of ``protocol`` over the
+    sorted ``folds`` present; a protocol without rotations, or with impossible ones, is an error."""
+    present = sorted(int(f) for f in folds)
+    if protocol.rotations is None:
+        raise UsageError(f"protocol {protocol.name!r} declares no cross-validation rotations; give its FoldProtocol "
+                         f"a rotations(k) function (docs/datasets.md), or run single folds with `cdft run`")
+    if len(present) < 2:
+        raise UsageError(f"cross-validation needs at least 2 folds; the split has folds {_fold_list(present)}")
+    pairs = [tuple(int(f) for f in pair) for pair in protocol.rotations(len(present))]
+    bad = [p for p in pairs if len(p) != 2 or p[0] == p[1] or not all(0 <= f < len(present) for f in p)]
+    if not pairs or bad or len(set(pairs)) != len(pairs):
+        raise CdftError(f"protocol {protocol.name!r} declares invalid rotations for {len(present)} folds: {pairs}; "
+                        f"each must be a distinct (val, test) pair of different positions 0..{len(present) - 1}")
+    return [(present[v], present[t]) for v, t in pairs]
 
 
 def _fold_list(folds: Sequence[int]) -> str:

@@ -24,33 +24,38 @@ Building happens in a temporary folder, by a pool of threads (Pillow's decoders 
 torch's resize release the GIL), then ``meta.json``, then one atomic rename. An
 exclusive lock per key (``fcntl``; :mod:`cdft_core.data.cache_dir`) makes concurrent
 builders (the ranks of a job, parallel runs) wait for the first one, so the cache is
-built once; a shared lock held while a process has the cache open keeps
-``cdft cache clear`` from removing it under a running job.
+built once; if that build fails (an unreadable image), they stop with its error rather
+than try again. A shared lock held while a process has the cache open keeps
+``cdft cache clear`` from removing it under a running job. Where nothing can be locked
+(read-only or ``flock``-less cache dirs, NFS, Lustre) the cache still works, unlocked
+(:mod:`cdft_core.data.cache_locks`). ``images.npy`` is given all its disk blocks before
+anything is written: a full disk is a one-line error, never SIGBUS. The folders are
+the user's own (``0o700``); another user's cache is never used.
 
 Verification: every open (once per process, not per loader worker) checks the size of
 ``images.npy`` and its SHA-256 against ``meta.json``: one sequential read, about 0.8 s
 per GB on one core (1.2 GB for BreakHis at 224 px). A truncated or corrupt cache is
-rebuilt.
+rebuilt (moved aside, not deleted, while another process has it open); a file that
+cannot be read (EIO, EMFILE) is an error instead. ``cdft eval`` (``build=False``) only
+reuses: when the key cannot be computed (an image of another split gone), it decodes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-from cdft_core.data.cache_dir import MB, images_dir, lock, remove
+from cdft_core.cpus import available_cpus
+from cdft_core.data.cache_dir import MB, allocate, check_free_space, file_digest, images_dir, open_or_build
 from cdft_core.data.root import DataRoot
 from cdft_core.data.transforms import ResizeSpec
 from cdft_core.errors import CdftError
@@ -60,15 +65,19 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
+    from cdft_core.data.cache_locks import Lock
+
 #: Version of the layout above; part of the key.
 FORMAT = 1
 #: Listing fields that identify a file's content or its last change, by filesystem.
 _FINGERPRINT_FIELDS = ("CRC", "ETag", "etag", "md5Hash", "crc32c", "content_md5", "mtime", "LastModified",
                        "last_modified", "updated", "modified", "date_time", "created")
+_MORE_SPACE = "pass --cache-dir on a larger disk, or --no-cache"
 
 
 class ImageCache:
-    """An opened cache: the paths it holds and their rows, the array mapped on first use.
+    """An opened cache: the paths it holds and their rows, the array mapped on first use
+    (:func:`open_cache` maps it at once).
 
     Forked DataLoader workers keep the parent's read-only mapping; pickled ones (spawn)
     map the file themselves. Either way the pages are the operating system's page cache,
@@ -76,7 +85,7 @@ class ImageCache:
     """
 
     def __init__(self, directory: Path, meta: Mapping[str, Any], spec: ResizeSpec, status: str,
-                 in_use: IO[str] | None = None, seconds: float = 0.0) -> None:
+                 in_use: Lock | None = None, seconds: float = 0.0) -> None:
         self.directory = str(directory)
         self.key = str(meta["key"])
         self.paths: list[str] = list(meta["paths"])
@@ -154,41 +163,32 @@ def open_cache(root: str, paths: Sequence[str], spec: ResizeSpec, *, cache_dir: 
     paths = sorted({data_root.confine(p, "") for p in paths})
     if not paths:
         return None
-    key, inputs = cache_key(data_root, paths, spec)
-    base = images_dir(cache_dir)
-    final = base / key
-    if not build and not final.is_dir():
+    try:
+        key, inputs = cache_key(data_root, paths, spec)
+    except CdftError:
+        if build:
+            raise
+        return None  # reuse only (cdft eval): an image missing from another split, or unreadable, is no error here
+
+    def build_here(temporary: Path) -> dict[str, Any]:
+        return _build(temporary, key, inputs, data_root.url, paths, spec, workers=workers, progress=progress)
+
+    opened = open_or_build(images_dir(cache_dir), key, verify=lambda folder: _verified(folder, key),
+                           build=build_here if build else None, what="image cache",
+                           fix="pass --cache-dir or --no-cache", log=log)
+    if opened is None:
         return None
-    try:
-        in_use = lock(base, key, "use", shared=True)  # taken before looking: clear waits for us, or we for it
-    except OSError as exc:
-        raise CdftError(f"cannot create the image cache dir {base}: {exc}; pass --cache-dir or --no-cache") from exc
-    try:
-        meta = _verified(final, key)
-        if meta is not None:
-            _touch(final)
-            return ImageCache(final, meta, spec, "reused", in_use)
-        if not build:
-            in_use.close()
-            return None
-        building, status = lock(base, key, "build", block=False), "reused"
-        if building is None:
-            if log is not None:
-                log(f"waiting for another process to finish the image cache {final}")
-            building, status = lock(base, key, "build"), "built by another process"
-        with building:
-            meta = _verified(final, key)
-            if meta is not None:
-                return ImageCache(final, meta, spec, status, in_use)
-            start = time.time()
-            remove(final)  # truncated or corrupt; nobody else builds it: we hold its lock
-            for stale in base.glob(f".tmp-{key}-*"):  # left by a builder that was killed
-                remove(stale)
-            meta = _build(base, key, inputs, data_root.url, paths, spec, workers=workers, progress=progress)
-            return ImageCache(final, meta, spec, "built", in_use, time.time() - start)
-    except BaseException:
-        in_use.close()
-        raise
+    cache = ImageCache(opened.directory, opened.meta, spec, opened.status, opened.in_use, opened.seconds)
+    cache._array()  # mapped now (no reading), before loader workers fork: they keep this mapping
+    return cache
+
+
+def tables_key(root: str, tables: Sequence[pd.DataFrame], data_config: Mapping[str, Any]) -> str:
+    """The key :func:`cache_for_tables` gives these tables' images, without opening or
+    building anything: what the images are, for caches derived from them (the feature cache)."""
+    data_root = DataRoot.open(root)
+    paths = sorted({data_root.confine(p, "") for table in tables for p in table["image_path"].tolist()})
+    return cache_key(data_root, paths, ResizeSpec.from_data_config(data_config))[0]
 
 
 # -- the key ----------------------------------------------------------------------------
@@ -224,8 +224,10 @@ def _fingerprints(data_root: DataRoot, paths: Sequence[str]) -> list[str]:
         for path in paths:
             try:
                 stat = os.stat(data_root.path(path))  # follows links, as reading does
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 raise missing(path) from None
+            except OSError as exc:
+                raise CdftError(f"cannot read image {path!r} under data root {data_root.url}: {exc.strerror or exc}") from None
             out.append(f"{stat.st_size}:{stat.st_mtime_ns}")
         return out
     try:
@@ -246,7 +248,8 @@ def _fingerprints(data_root: DataRoot, paths: Sequence[str]) -> list[str]:
 
 # -- verifying and building ---------------------------------------------------------------
 def _verified(directory: Path, key: str) -> dict[str, Any] | None:
-    """``meta.json`` of a complete, intact cache at ``directory``; None if absent, truncated or corrupt."""
+    """``meta.json`` of a complete, intact cache at ``directory``; None if absent, truncated or
+    corrupt. Any other OSError (EIO, EMFILE: the cache may be fine) is raised."""
     import numpy as np
 
     try:
@@ -258,40 +261,23 @@ def _verified(directory: Path, key: str) -> dict[str, Any] | None:
         if array.dtype != np.uint8 or list(array.shape) != meta["shape"] or len(meta["paths"]) != array.shape[0]:
             return None
         del array
-        return meta if _file_digest(data) == meta["sha256"] else None
-    except (OSError, ValueError, KeyError, TypeError):
+        return meta if file_digest(data) == meta["sha256"] else None
+    except (FileNotFoundError, NotADirectoryError, EOFError, ValueError, KeyError, TypeError):
         return None
 
 
-def _build(base: Path, key: str, inputs: dict[str, Any], root: str, paths: list[str], spec: ResizeSpec, *,
+def _build(temporary: Path, key: str, inputs: dict[str, Any], root: str, paths: list[str], spec: ResizeSpec, *,
            workers: int | None, progress: bool) -> dict[str, Any]:
-    """Decode and resize every image into ``base/.tmp-…``, write ``meta.json``, publish as ``base/key``."""
+    """Decode and resize every image into ``temporary/images.npy``; returns the meta
+    (:func:`~cdft_core.data.cache_dir.open_or_build` writes it and publishes the folder)."""
     import numpy as np
 
     shape = (len(paths), 3, spec.height, spec.width)
-    needed = int(np.prod(shape))
-    free = shutil.disk_usage(base).free
-    if free < needed + 64 * MB:
-        raise CdftError(f"the image cache needs {needed / MB:.0f} MB but {base} has {free / MB:.0f} MB free; "
-                        f"pass --cache-dir on a larger disk, or --no-cache")
-    temporary = base / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    temporary.mkdir()
-    try:
-        data = temporary / "images.npy"
-        _fill(data, shape, root, paths, spec, workers=workers or _cpu_count(), progress=progress)
-        meta = {"key": key, **inputs, "shape": list(shape), "file_bytes": data.stat().st_size,
-                "sha256": _file_digest(data), "created": time.time(), "paths": paths}
-        (temporary / "meta.json").write_text(json.dumps(meta))
-        for name in ("images.npy", "meta.json"):
-            _fsync(temporary / name)
-        try:
-            os.rename(temporary, base / key)
-        except OSError:  # published meanwhile by a builder without our lock (no fcntl): theirs is as good
-            if _verified(base / key, key) is None:
-                raise
-    finally:
-        remove(temporary)
-    return meta
+    check_free_space(temporary.parent, int(np.prod(shape)), "image cache", _MORE_SPACE)
+    data = temporary / "images.npy"
+    _fill(data, shape, root, paths, spec, workers=workers or min(32, available_cpus()), progress=progress)
+    return {"key": key, **inputs, "shape": list(shape), "file_bytes": data.stat().st_size,
+            "sha256": file_digest(data), "created": time.time(), "paths": paths}
 
 
 def _fill(data: Path, shape: tuple[int, ...], root: str, paths: list[str], spec: ResizeSpec, *, workers: int,
@@ -301,17 +287,17 @@ def _fill(data: Path, shape: tuple[int, ...], root: str, paths: list[str], spec:
     import torch
 
     array = np.lib.format.open_memmap(data, mode="w+", dtype=np.uint8, shape=shape)
+    allocate(data, "image cache", _MORE_SPACE)  # a full disk: an error now, not SIGBUS while writing
     resize = spec.transform()
     local = threading.local()
 
     def one(row: int) -> None:
         if not hasattr(local, "root"):
-            torch.set_num_threads(1)  # parallel over images, not inside one resize
             local.root = DataRoot.open(root)  # one filesystem handle per thread (zip archives)
         array[row] = resize(local.root.read_image(paths[row])).numpy()
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # parallel over images, not inside one resize: every thread (process-wide)
     try:
         _parallel(one, len(paths), workers, progress)
     finally:
@@ -336,32 +322,3 @@ def _parallel(work: Callable[[int], None], count: int, workers: int, progress: b
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-
-def _cpu_count() -> int:
-    try:
-        return max(1, min(32, len(os.sched_getaffinity(0))))
-    except AttributeError:  # not on Linux
-        return max(1, min(32, os.cpu_count() or 1))
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(8 * MB)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while True:
-            count = handle.readinto(buffer)
-            if not count:
-                return digest.hexdigest()
-            digest.update(view[:count])
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _touch(directory: Path) -> None:
-    """Mark a cache as used now (``cdft cache list`` shows it); a read-only cache dir is fine."""
-    with contextlib.suppress(OSError):
-        os.utime(directory)

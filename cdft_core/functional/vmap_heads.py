@@ -4,8 +4,8 @@ A linear probe is cheap once the frozen backbone's features are computed, and th
 learning rate is not known in advance. Instead of one run per learning rate, stack ``n``
 heads into one tree (every leaf gains a leading dimension ``n``) and let ``vmap`` run the
 forward pass, the gradient and the optimiser update of all of them on the same batch of
-features in one call. Each head keeps its own hyper-parameters (a learning rate per head)
-and its own optimiser state; numerically it is the same as training each head alone
+features in one call. Each head keeps its own hyper-parameters (a learning rate and,
+optionally, a weight decay per head) and its own optimiser state; numerically it is the same as training each head alone
 (tested against ``torch.optim`` on separate ``nn.Linear`` heads).
 
 A learning-rate sweep in a few lines::
@@ -57,12 +57,13 @@ __all__ = [
 class FunctionalOptimizer(NamedTuple):
     """An optimiser as two pure functions over one head's trees.
 
-    ``init(params) -> state`` and ``update(grads, state, params, lr) -> (params, state)``;
-    ``lr`` is a 0-d tensor so that ``vmap`` can give every head its own.
+    ``init(params) -> state`` and ``update(grads, state, params, lr, weight_decay=None) ->
+    (params, state)``; ``lr`` (and ``weight_decay``, which replaces the optimiser's own when
+    given) are 0-d tensors so that ``vmap`` can give every head its own.
     """
 
     init: Callable[[Tree], Tree]
-    update: Callable[[Tree, Tree, Tree, torch.Tensor], tuple[Tree, Tree]]
+    update: Callable[..., tuple[Tree, Tree]]
 
 
 def sgd(momentum: float = 0.0, weight_decay: float = 0.0) -> FunctionalOptimizer:
@@ -71,9 +72,9 @@ def sgd(momentum: float = 0.0, weight_decay: float = 0.0) -> FunctionalOptimizer
     def init(params: Tree) -> Tree:
         return {"momentum": pytree.tree_map(torch.zeros_like, params)}
 
-    def update(grads: Tree, state: Tree, params: Tree, lr: torch.Tensor) -> tuple[Tree, Tree]:
-        if weight_decay:
-            grads = pytree.tree_map(lambda g, p: g + weight_decay * p, grads, params)
+    def update(grads: Tree, state: Tree, params: Tree, lr: torch.Tensor,
+               decay: torch.Tensor | None = None) -> tuple[Tree, Tree]:
+        grads = _decayed(grads, params, weight_decay if decay is None else decay)
         if momentum:
             # torch seeds the buffer with the first gradient; 0 * 0 + g does the same.
             buf = pytree.tree_map(lambda b, g: momentum * b + g, state["momentum"], grads)
@@ -90,11 +91,12 @@ def adam(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_de
 
     def init(params: Tree) -> Tree:
         zeros = pytree.tree_map(torch.zeros_like, params)
-        return {"step": torch.zeros(()), "m": zeros, "v": pytree.tree_map(torch.zeros_like, params)}
+        device = next(iter(pytree.leaves(params))).device  # the step counter lives beside the weights (CUDA)
+        return {"step": torch.zeros((), device=device), "m": zeros, "v": pytree.tree_map(torch.zeros_like, params)}
 
-    def update(grads: Tree, state: Tree, params: Tree, lr: torch.Tensor) -> tuple[Tree, Tree]:
-        if weight_decay:
-            grads = pytree.tree_map(lambda g, p: g + weight_decay * p, grads, params)
+    def update(grads: Tree, state: Tree, params: Tree, lr: torch.Tensor,
+               decay: torch.Tensor | None = None) -> tuple[Tree, Tree]:
+        grads = _decayed(grads, params, weight_decay if decay is None else decay)
         step = state["step"] + 1
         m = pytree.tree_map(lambda m, g: beta1 * m + (1 - beta1) * g, state["m"], grads)
         v = pytree.tree_map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state["v"], grads)
@@ -104,6 +106,13 @@ def adam(betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_de
         return new, {"step": step, "m": m, "v": v}
 
     return FunctionalOptimizer(init, update)
+
+
+def _decayed(grads: Tree, params: Tree, weight_decay: float | torch.Tensor) -> Tree:
+    """``grads + weight_decay · params`` (torch.optim's L2 ``weight_decay``); unchanged for a plain 0."""
+    if isinstance(weight_decay, (int, float)) and not weight_decay:
+        return grads
+    return pytree.tree_map(lambda g, p: g + weight_decay * p, grads, params)
 
 
 def init_heads(template: torch.nn.Module, n: int, *, seed: int | None = 0, same_init: bool = True) -> dict[str, Any]:
@@ -144,21 +153,33 @@ def make_step(
     optimizer: FunctionalOptimizer,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> Callable[[Tree, Tree, torch.Tensor, torch.Tensor, torch.Tensor], tuple[Tree, Tree, torch.Tensor]]:
-    """One vmapped training step: ``step(params, state, lrs, x, y) -> (params, state, losses)``.
+    """One vmapped training step: ``step(params, state, lrs, x, y, weight_decays=None) ->
+    (params, state, losses)``.
 
-    ``params``/``state`` are stacked over heads, ``lrs`` has one entry per head, and the
+    ``params``/``state`` are stacked over heads, ``lrs`` (and ``weight_decays``, when a
+    sweep varies it: it replaces the optimiser's own) have one entry per head, and the
     batch ``(x, y)`` is shared by all heads (not copied).
     """
 
     def loss_of(p: Tree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return loss(functional_call(template, pytree.flatten(p), (x,)), y)
 
-    def one(p: Tree, state: Tree, lr: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[Tree, Tree, torch.Tensor]:
+    def one(p: Tree, state: Tree, lr: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+            decay: torch.Tensor | None = None) -> tuple[Tree, Tree, torch.Tensor]:
         grads, value = grad_and_value(loss_of)(p, x, y)
-        new_p, new_state = optimizer.update(grads, state, p, lr)
+        new_p, new_state = optimizer.update(grads, state, p, lr, decay)
         return new_p, new_state, value
 
-    return vmap(one, in_dims=(0, 0, 0, None, None))
+    shared_decay = vmap(one, in_dims=(0, 0, 0, None, None))
+    own_decay = vmap(one, in_dims=(0, 0, 0, None, None, 0))
+
+    def step(params: Tree, state: Tree, lrs: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+             weight_decays: torch.Tensor | None = None) -> tuple[Tree, Tree, torch.Tensor]:
+        if weight_decays is None:
+            return shared_decay(params, state, lrs, x, y)
+        return own_decay(params, state, lrs, x, y, weight_decays)
+
+    return step
 
 
 def train_heads(
@@ -174,9 +195,11 @@ def train_heads(
     state: Tree | None = None,
     shuffle_seed: int | None = None,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    weight_decays: torch.Tensor | None = None,
 ) -> tuple[dict[str, Any], Tree, torch.Tensor]:
     """Train the stacked heads on pre-computed (frozen) features; returns the final
     ``(params, optimizer_state, losses)`` with ``losses`` of shape ``(steps, n)``.
+    ``weight_decays`` (one per head) replaces the optimiser's own weight decay.
 
     Every head sees the same mini-batches in the same order (``shuffle_seed=None``: the
     data order as given), so heads differ only by their learning rates and initial weights.
@@ -186,6 +209,10 @@ def train_heads(
     if sizes != {n}:
         raise ValueError(f"train_heads: {n} learning rates for stacked heads of size {sorted(sizes)}")
     lrs = lrs.to(dtype=features.dtype, device=features.device)
+    if weight_decays is not None:
+        if weight_decays.shape != lrs.shape:
+            raise ValueError(f"train_heads: {weight_decays.shape[0]} weight decays for {n} learning rates")
+        weight_decays = weight_decays.to(dtype=features.dtype, device=features.device)
     if state is None:
         state = vmap(optimizer.init)(params)
     step = make_step(template, optimizer, loss)
@@ -197,7 +224,7 @@ def train_heads(
         order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
         for start in range(0, count, batch_size):
             index = order[start : start + batch_size].to(features.device)
-            params, state, losses = step(params, state, lrs, features[index], labels[index])
+            params, state, losses = step(params, state, lrs, features[index], labels[index], weight_decays)
             history.append(losses)
     return params, state, torch.stack(history) if history else torch.empty(0, n)
 

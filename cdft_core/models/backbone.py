@@ -169,10 +169,10 @@ class TimmBackbone(nn.Module):
 def timm_family(name: str) -> str:
     """``vit``, ``convnext`` or the timm module that defines the architecture."""
     for module, family in FAMILIES.items():
-        if is_model_in_modules(name, module):
+        if is_model_in_modules(name, (module,)):  # a tuple: some timm 1.0.x assert one
             return family
     arch = split_model_name_tag(name)[0]
-    return next((m for m in timm.list_modules() if is_model_in_modules(arch, m)), "other")
+    return next((m for m in timm.list_modules() if is_model_in_modules(arch, (m,))), "other")
 
 
 def canonical_timm_name(name: str) -> str | None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,26 @@ from cdft_core.text import jsonable, parse_bool
 SPEC_FORMAT = 1
 
 DATA_CONFIG_KEYS = ("input_size", "mean", "std", "interpolation")
+
+
+class Features(NamedTuple):
+    """A frozen backbone's outputs for a batch, as the feature cache stores them
+    (:mod:`cdft_core.training.frozen`): ``tokens`` (B×N×C) and ``pooled`` (B×C), either
+    None when the adapter does not read it. ``CdftModel(features)`` runs the adapter and
+    the head only, so the training and evaluation loops take a batch of them where they
+    take a batch of images."""
+
+    tokens: Tensor | None
+    pooled: Tensor | None
+
+    def to(self, device: Any, *args: Any, non_blocking: bool = False, **kwargs: Any) -> Features:
+        """Both parts on ``device``, dtype unchanged (image options such as ``memory_format`` do not apply)."""
+        return Features(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in self))
+
+    @property
+    def shape(self) -> torch.Size:
+        """The batch's leading shape (B, ...), as an image batch has one."""
+        return next(t for t in self if t is not None).shape
 
 
 class CdftModel(nn.Module):
@@ -105,7 +125,10 @@ class CdftModel(nn.Module):
             tokens, pooled = self.backbone.features(x)
         return self.adapter(tokens, pooled)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | Features) -> Tensor:
+        """Logits of a batch of images, or of a frozen backbone's stored :class:`Features`."""
+        if isinstance(x, Features):
+            return self.head(self.adapter(x.tokens, x.pooled))
         return self.head(self.features(x))
 
 

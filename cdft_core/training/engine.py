@@ -30,8 +30,16 @@ Every feature and the config key (``cdft run --help`` option) that controls it:
   after ``dist_timeout`` seconds.
 - **Precision** (``precision``): bf16 autocast by default on CUDA, fp16 with a grad scaler
   on request, fp32 on CPU. ``device`` picks cpu or cuda.
+- **Speed on CUDA** (:mod:`cdft_core.training.speed`): channels_last for convolutional
+  backbones, fused Adam(W), cuDNN autotuning, pinned memory and non-blocking copies;
+  persistent loader workers (``num_workers``); ``compile`` for :func:`torch.compile`. None
+  of it changes a CPU run's numbers.
 - **Output** (``output`` or ``runs_dir``): :mod:`cdft_core.training.records` and
   :mod:`cdft_core.training.rundir`. ``summary.json`` is written last, by complete runs only.
+- **Frozen-feature cache** (``feature_cache``, ``train_views``): while a stage's backbone
+  is frozen, its validation and test outputs are computed once per stage and reused every
+  epoch (exact), and with ``train_views`` N augmented views of the training images are
+  stored and cycled (an approximation): :mod:`cdft_core.training.frozen`.
 - **Quick runs**: ``max_steps_per_epoch`` caps the training steps of each epoch.
 """
 
@@ -41,6 +49,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,17 +67,17 @@ from cdft_core.training.distributed import (
     teardown,
     wrap_ddp,
 )
-from cdft_core.training.evaluation import autocast, eval_batch_size, evaluate
+from cdft_core.training.evaluation import autocast, eval_batch_size, eval_loader, evaluate
 from cdft_core.training.faults import step_hook_from_env
 from cdft_core.training.loaders import (
     SeededAugmentation,
     describe_num_workers,
-    make_loader,
+    resolve_num_workers,
     steps_per_epoch,
     train_order,
 )
 from cdft_core.training.log import RunLog, progress_bar, stage_epoch
-from cdft_core.training.optimizer import build_optimizer, build_scaler, trainable_count
+from cdft_core.training.optimizer import build_optimizer, build_scaler, optimizer_class, trainable_count
 from cdft_core.training.preflight import check_memory, load_run_splits, preflight
 from cdft_core.training.records import (
     best_weights,
@@ -85,6 +94,8 @@ from cdft_core.training.records import (
 )
 from cdft_core.training.schedule import derive_seed, format_rates, lr_factor, rates, seed_everything, set_rates
 from cdft_core.training.signals import StopRequest
+from cdft_core.training.speed import compile_model, configure_backends, to_device, use_channels_last
+from cdft_core.training.speed import describe as describe_speed
 from cdft_core.training.state import Progress, Run, RunData, SavedState, StageRun, open_run_dir
 from cdft_core.training.tensorboard_log import TensorBoardLog
 
@@ -111,6 +122,9 @@ def main(config: RunConfig, resume: str | None = None, argv: list[str] | None = 
     finally:
         run.stop.uninstall()
         run.tb.close()
+        run.loaders.close()
+        if run.features is not None:
+            run.features.close()
         teardown()
 
 
@@ -137,6 +151,7 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
         check_memory(config, strategy, str(dist_info.device))
     log = RunLog(dist_info.is_main)
     torch.set_float32_matmul_precision("high")
+    configure_backends(dist_info.device)  # cuDNN autotuning on CUDA
 
     splits = load_run_splits(config)
     config = dataclasses.replace(config, dataset_options=dict(splits.options))  # what the rows are, defaults too
@@ -147,8 +162,12 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
         adapter_options=config.adapter_options,
     ).to(dist_info.device)
     check_compatible(strategy, model)
+    if use_channels_last(model.backbone, dist_info.device):  # a ConvNeXt or ResNet on CUDA
+        model = model.to(memory_format=torch.channels_last)
     if config.sync_batchnorm and dist_info.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if config.compile:
+        model = compile_model(model)  # in place: the state dict keeps its keys
 
     cache = cache_for_tables(splits.root, [splits.train, splits.val, splits.test], model.data_config,  # --no-cache: None
                              cache_dir=config.cache_dir, progress=dist_info.is_main, log=log) if config.cache else None
@@ -177,6 +196,9 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
     )
     log(f"backbone weights: {weights_origin(model.backbone)}")
     log(f"data loading: {describe_num_workers(config.num_workers)}")
+    log("training step: " + describe_speed(
+        dist_info.device, channels_last=use_channels_last(model.backbone, dist_info.device),
+        optimizer_cls=optimizer_class(config), workers=resolve_num_workers(config.num_workers), compiled=config.compile))
     for name in ("val", "test"):
         missing = sorted(set(splits.classes) - {splits.classes[i] for i in getattr(splits, name)["label"]})
         if missing:
@@ -219,10 +241,12 @@ def _settle_resume(run: Run, saved: SavedState) -> None:
 def train_stage(run: Run, index: int) -> None:
     """Train one stage: labels, optimizer and DDP wrapper, then epochs with model selection."""
     from cdft_core.strategy import apply_stage
+    from cdft_core.training.frozen import stage_features
 
     config, progress, model = run.config, run.progress, run.model
     stage = run.strategy.stages[index]
     labels = apply_stage(model, stage)
+    run.features = stage_features(run, index)  # a frozen backbone: val/test (and --train-views) from the cache
     saved_optimizer, saved_scaler = run.take_saved()
     steps = steps_per_epoch(len(run.data.train), run.dist.world_size, config.batch_size, config.max_steps_per_epoch)
     epochs = _stage_epochs(run, index)
@@ -246,7 +270,7 @@ def train_stage(run: Run, index: int) -> None:
         broadcast_buffers(model, run.dist)  # every rank evaluates the model rank 0 saves
         where = stage_epoch(index + 1, len(run.strategy.stages), epoch + 1, epochs)
         val = evaluate(model, run.data.val, run.splits.classes, run.dist, eval_batch_size(config),
-                       config.num_workers, run.precision, description=f"{where} val")
+                       config.num_workers, run.precision, description=f"{where} val", loader=_eval_loader(run, "val"))
         record(run, index, epoch, "val", val)
         is_best = progress.best_accuracy is None or val["accuracy"] >= progress.best_accuracy
         if is_best:
@@ -264,6 +288,17 @@ def train_stage(run: Run, index: int) -> None:
     _complete_stage(run, index, epochs)
 
 
+def _eval_loader(run: Run, name: str) -> Any:
+    """The run's loader of its val or test split, built at first use and kept (persistent workers);
+    in a frozen stage, its stored features in the same batches (:mod:`cdft_core.training.frozen`)."""
+    stored = run.features.eval_loader(name) if run.features is not None else None
+    if stored is not None:
+        return stored
+    dataset = getattr(run.data, name)
+    return run.loaders.get(name, lambda: eval_loader(dataset, run.dist, eval_batch_size(run.config),
+                                                     run.config.num_workers, persistent=True))
+
+
 def _stage_epochs(run: Run, index: int) -> int:
     return run.strategy.stages[index].epochs or run.config.epochs
 
@@ -277,7 +312,8 @@ def _complete_stage(run: Run, index: int, epochs: int) -> None:
     model.load_state_dict(best_weights(run, index))
     run.progress.best_test = evaluate(model, run.data.test, run.splits.classes, run.dist,
                                       eval_batch_size(run.config), run.config.num_workers, run.precision,
-                                      description=f"stage {index + 1}/{len(stages)} test")
+                                      description=f"stage {index + 1}/{len(stages)} test",
+                                      loader=_eval_loader(run, "test"))
     record(run, index, run.progress.best_epoch - 1, "test", run.progress.best_test)
     save_test_result(run, index)
     run.log(f"stage {index + 1} {stages[index].name}: test accuracy {run.progress.best_test['accuracy']:.4f} "
@@ -285,6 +321,9 @@ def _complete_stage(run: Run, index: int, epochs: int) -> None:
     run.progress.stages.append(stage_result(run, index, epochs))
     run.progress.start_stage(index + 1)
     run.best_weights = None
+    if run.features is not None:  # the next stage computes (or finds) its own
+        run.features.close()
+        run.features = None
     if current is not None:
         model.load_state_dict(current)
     elif index + 1 < len(stages):
@@ -302,8 +341,13 @@ def train_epoch(run: Run, current: StageRun, epoch: int) -> tuple[float, float]:
     order = train_order(run.data.train, seed=config.seed, epoch=global_epoch, rank=dist_info.rank,
                         world_size=dist_info.world_size,
                         max_images=config.max_steps_per_epoch and config.max_steps_per_epoch * config.batch_size)
-    loader = make_loader(run.data.train, order[start * config.batch_size:], config.batch_size, config.num_workers,
-                         derive_seed(config.seed, global_epoch))
+    if run.features is not None and run.features.train is not None:  # --train-views: stored views, no images
+        loader = run.features.train.batches(order[start * config.batch_size:], config.batch_size, global_epoch)
+    else:  # one loader for the whole run (persistent workers); each key carries its epoch for the augmentation
+        loader = run.loaders.train(run.data.train, order[start * config.batch_size:], global_epoch,
+                                   config.batch_size, config.num_workers, derive_seed(config.seed, "loader"),
+                                   dist_info.device)
+    channels_last = use_channels_last(run.model.backbone, dist_info.device)
     sums = progress.epoch_sums or {"loss": 0.0, "correct": 0, "count": 0}
     window: list[float] = []
     current.model.train()
@@ -311,7 +355,7 @@ def train_epoch(run: Run, current: StageRun, epoch: int) -> tuple[float, float]:
                        stage_epoch(index + 1, len(run.strategy.stages), epoch + 1, current.epochs))
     tick = epoch_start = time.time()
     for step, (images, labels) in enumerate(loader, start=start):
-        images = images.to(dist_info.device, non_blocking=True)
+        images = to_device(images, dist_info.device, channels_last)
         labels = labels.to(dist_info.device, non_blocking=True)
         set_rates(current.optimizer, lr_factor(epoch * current.steps + step, current.warmup, current.total_steps,
                                                config.warmup_start_factor))

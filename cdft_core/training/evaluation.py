@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from cdft_core.errors import CdftError, UsageError
 from cdft_core.training import metrics as metrics_lib
@@ -30,14 +30,25 @@ def autocast(precision: str, device: torch.device) -> Any:
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def eval_loader(dataset: torch.utils.data.Dataset, dist_info: DistInfo, batch_size: int, num_workers: int | str,
+                persistent: bool = False) -> DataLoader:
+    """This rank's share of ``dataset`` (no shuffling), as ``(image, label, index)`` batches."""
+    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=False)
+    return make_loader(WithIndex(dataset), list(sampler), batch_size, num_workers, 0, device=dist_info.device,
+                       persistent=persistent)
+
+
 def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, classes: list[str], dist_info: DistInfo,
-             batch_size: int, num_workers: int | str, precision: str, description: str = "evaluating") -> dict[str, Any]:
+             batch_size: int, num_workers: int | str, precision: str, description: str = "evaluating",
+             loader: DataLoader | None = None) -> dict[str, Any]:
     """Metrics of ``model`` on ``dataset``; every rank takes part and gets the same numbers.
 
     On a terminal, rank 0 shows a progress bar (``description``, batches); elsewhere nothing.
+    ``loader``: an :func:`eval_loader` of ``dataset`` kept from an earlier call (a run's,
+    whose workers persist); by default a new one.
     """
-    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=False)
-    loader = make_loader(WithIndex(dataset), list(sampler), batch_size, num_workers, 0)
+    if loader is None:
+        loader = eval_loader(dataset, dist_info, batch_size, num_workers)
     bar = progress_bar(dist_info.is_main, len(loader), 0, description, unit="batch")
     was_training = model.training
     model.eval()
@@ -76,6 +87,7 @@ class CheckpointEvaluation:
     metadata: dict[str, Any]
     classes: list[str]
     metrics: dict[str, Any]
+    image_cache: str | None = None  # the run's image cache it read (its folder), None: images decoded
 
 
 def find_checkpoint(target: str) -> str:
@@ -143,7 +155,7 @@ def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | N
     dataset = ImageDataset(splits.root, table, eval_transform(model.data_config), cache)
     result = evaluate(model, dataset, classes, dist_info, batch_size or eval_batch_size(config), num_workers,
                       resolve_precision(config.precision, torch_device), description=f"evaluating {split}")
-    return CheckpointEvaluation(checkpoint, split, meta, classes, result)
+    return CheckpointEvaluation(checkpoint, split, meta, classes, result, cache.directory if cache else None)
 
 
 def eval_batch_size(config: Any) -> int:

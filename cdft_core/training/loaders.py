@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from cdft_core.cpus import available_cpus
 from cdft_core.training.schedule import derive_seed
+from cdft_core.training.speed import loader_kwargs
 
 
 class SeededAugmentation(Dataset):
     """Train-time images whose random augmentation depends only on (seed, epoch, index).
 
     Each item is drawn under a forked RNG seeded from those three numbers, so a run
-    resumed in the middle of an epoch sees exactly the images it would have seen.
+    resumed in the middle of an epoch sees exactly the images it would have seen. A key
+    is an index (the epoch is :attr:`epoch`) or an ``(epoch, index)`` pair: the training
+    loader sends pairs, because its persistent workers hold copies of this dataset made
+    when they started and never see a later :attr:`epoch`.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -31,10 +38,11 @@ class SeededAugmentation(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, "augment", self.epoch, int(index)))
-            return self.dataset[index]
+            torch.manual_seed(derive_seed(self.seed, "augment", int(epoch), int(index)))
+            return self.dataset[int(index)]
 
 
 class WithIndex(Dataset):
@@ -69,13 +77,6 @@ def steps_per_epoch(images: int, world_size: int, batch_size: int, max_steps: in
 MAX_AUTO_WORKERS = 8
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask (taskset, cgroup cpusets), else the CPU count."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
 def local_processes() -> int:
     """Training processes on this machine: torchrun's ``LOCAL_WORLD_SIZE``, else 1."""
     try:
@@ -105,11 +106,63 @@ def describe_num_workers(requested: int | str) -> str:
     return text
 
 
-def make_loader(dataset: Dataset, indices: list[int], batch_size: int, workers: int | str, seed: int) -> DataLoader:
-    """A loader over ``indices`` in that order; ``workers`` may be ``auto`` (:func:`resolve_num_workers`)."""
+def make_loader(dataset: Dataset, indices: Iterable[Any], batch_size: int, workers: int | str, seed: int,
+                *, device: torch.device | str | None = None, persistent: bool = False) -> DataLoader:
+    """A loader over ``indices`` in that order; ``workers`` may be ``auto`` (:func:`resolve_num_workers`).
+
+    ``device``: where the batches go (pinned memory for CUDA; None: pinned when CUDA is
+    available). ``persistent``: the loader is iterated again for every epoch, so its workers
+    are kept (:func:`cdft_core.training.speed.loader_kwargs`).
+    """
+    count = resolve_num_workers(workers)
     # the explicit generator keeps the loader from drawing on the global RNG (dropout's stream)
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=indices, num_workers=resolve_num_workers(workers),
-        pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+        dataset, batch_size=batch_size, sampler=indices, num_workers=count,
+        generator=torch.Generator().manual_seed(seed), **loader_kwargs(device, count, persistent),
     )
+
+
+class EpochKeys(Sampler):
+    """The keys of the epoch in progress, replaced before each epoch; a reused loader reads
+    them afresh each time it is iterated (the sampler lives in the training process)."""
+
+    def __init__(self) -> None:
+        self.keys: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class RunLoaders:
+    """A run's loaders, built once and iterated for every epoch so their workers persist.
+
+    Worker processes are started at a loader's first epoch and kept (with their prefetched
+    batches) until :meth:`close`. Nothing a worker remembers reaches a batch: the training
+    keys carry their epoch (:class:`SeededAugmentation`), evaluation has no randomness.
+    """
+
+    def __init__(self) -> None:
+        self._loaders: dict[str, DataLoader] = {}
+
+    def train(self, dataset: SeededAugmentation, indices: list[int], epoch: int, batch_size: int,
+              workers: int | str, seed: int, device: torch.device | str | None = None) -> DataLoader:
+        """The training loader, set to yield ``indices`` (in order) with ``epoch``'s augmentation."""
+        loader = self._loaders.get("train")
+        if loader is None:
+            loader = make_loader(dataset, EpochKeys(), batch_size, workers, seed, device=device, persistent=True)
+            self._loaders["train"] = loader
+        loader.sampler.keys = [(epoch, index) for index in indices]
+        return loader
+
+    def get(self, name: str, build: Callable[[], DataLoader]) -> DataLoader:
+        """The loader called ``name``, built by ``build()`` the first time (evaluation's)."""
+        if name not in self._loaders:
+            self._loaders[name] = build()
+        return self._loaders[name]
+
+    def close(self) -> None:
+        """Let the workers go: dropping the last reference to a loader shuts its workers down."""
+        self._loaders.clear()

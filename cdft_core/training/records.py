@@ -184,6 +184,8 @@ def write_summary(run: Run) -> dict[str, Any] | None:
         "classes": run.splits.classes,
         "images": {"train": len(run.splits.train), "val": len(run.splits.val), "test": len(run.splits.test)},
         "world_size": run.dist.world_size,
+        # epochs of frozen stages trained on N stored augmented views, cycled: an approximation (None: fresh every epoch)
+        "train_views": run.config.train_views,
         "best_stage": final["name"],
         "best_epoch": final["best_epoch"],
         "val": final["val"],
@@ -243,6 +245,7 @@ def run_hparams(run: Run) -> dict[str, Any]:
         "warmup_epochs": config.warmup_epochs,
         "warmup_start_factor": config.warmup_start_factor,
         "max_steps_per_epoch": config.max_steps_per_epoch,
+        "train_views": config.train_views,
         "seed": config.seed,
         "precision": run.precision,
         "device": torch.device(run.dist.device).type,

@@ -31,6 +31,8 @@ from cdft_core.text import one_line
 
 #: files whose presence means "this directory holds a run"
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl")
+#: the plan of a ``cdft cv`` parent directory (its runs are the rotation-N folders inside)
+CV_PLAN = "cv.json"
 
 
 class RunDir:
@@ -112,9 +114,10 @@ def check_output(output: str | None, runs_dir: str) -> None:
         raise UsageError(f"output {target!r} cannot be opened: {exc}") from None
     if output:
         if holds_run(rundir):
+            command = "cdft cv" if rundir.exists(CV_PLAN) else "cdft run"
             raise UsageError(
                 f"--output {output!r} already holds a run; choose a new directory, "
-                f"or continue that run with `cdft run --resume {output}`"
+                f"or continue that run with `{command} --resume {output}`"
             )
         if rundir.exists() and rundir.fs.isfile(rundir.path):
             raise UsageError(f"--output {output!r} is a file, not a directory")
@@ -211,6 +214,9 @@ def open_existing(path: str) -> RunDir:
         raise UsageError(f"{shown!r} cannot be opened: {one_line(exc)}") from None
     if not rundir.exists():
         raise UsageError(f"run directory {shown!r} does not exist")
+    if rundir.exists(CV_PLAN):  # its config.yaml is the rotations' shared one, not a run's
+        raise UsageError(f"{shown!r} is a cross-validation directory; continue it with `cdft cv --resume {shown}`, "
+                         f"or name one of its rotation-N runs")
     if not rundir.exists("config.yaml"):
         raise UsageError(f"{shown!r} is not a cdft run directory (no config.yaml)")
     return rundir

@@ -22,6 +22,7 @@ from cdft_core.errors import UsageError
 from cdft_core.training.checkpoint import latest_resume
 from cdft_core.training.distributed import DistInfo, broadcast_object
 from cdft_core.training.faults import StepHook
+from cdft_core.training.loaders import RunLoaders
 from cdft_core.training.log import RunLog
 from cdft_core.training.rundir import RunDir, auto_name, create_run_dir, environment_info, open_existing
 from cdft_core.training.signals import StopRequest
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from cdft_core.data.splits import Splits
     from cdft_core.models.model import CdftModel
     from cdft_core.strategy import Strategy
+    from cdft_core.training.frozen import FrozenFeatures
     from cdft_core.training.loaders import SeededAugmentation
     from cdft_core.training.tensorboard_log import TensorBoardLog
 
@@ -116,6 +118,8 @@ class Run:
     saved_optimizer: dict | None = None  # the interrupted stage's optimizer state, for its builder
     saved_scaler: dict | None = None
     best_weights: dict | None = None  # the stage's best-validation weights (for its test evaluation)
+    loaders: RunLoaders = field(default_factory=RunLoaders)  # reused every epoch: their workers persist
+    features: FrozenFeatures | None = None  # a frozen stage's stored backbone outputs (cdft_core.training.frozen)
 
     def take_saved(self) -> tuple[dict | None, dict | None]:
         """The saved optimizer and scaler state, once: the stage resumed in gets them, later stages None."""

@@ -1,0 +1,272 @@
+"""``cdft grid``: a YAML grid of experiments, its cells, and the command line of each.
+
+Why a file of lists rather than a loop in a shell script: the cells get stable names and
+directories, so a grid can be listed (``--dry-run``), handed to a scheduler one command
+per line (``--print-commands``) and resumed, and a typo in it fails before anything runs.
+
+The file (``configs/grids/paper.yaml`` is the paper's)::
+
+    command: cv                 # each cell is a `cdft cv` (default) or a single `cdft run`
+    output: runs/paper          # the cells' directories: <output>/<cell name>
+    rotations: [0, 1]           # cv only: these rotations (default: all)
+    epochs: 100                 # a single value: a setting every cell shares (any `cdft run` option)
+    backbone: [a, b]            # a list: one axis of the grid; the cells are the product of the axes
+    dataset:                    # an entry may be a mapping: options that go together, named by the axis' own
+      - {dataset: breakhis, data_root: data/BreaKHis_v1, split_file: breakhis.csv}
+    exclude:                    # cells to leave out: every key of an entry matches (a list: any of its values)
+      - {dataset: hcrf, backbone: b}
+
+Any ``cdft run`` option may be a setting or an axis (``config`` too: a preset under the
+cell's options), and so may the launcher options (``nproc_per_node``...). Cells are
+numbered from 0 in product order, the first axis outermost; a cell's name joins its axes'
+values (numbers with their key: ``seed2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from cdft_core.config import FIELD_NAMES, RunConfig, merge
+from cdft_core.errors import UsageError
+from cdft_core.experiments.commands import DICT_FLAGS, option_args
+from cdft_core.text import one_line
+from cdft_core.yaml_files import load_yaml
+
+COMMANDS = ("cv", "run")
+#: what a finished cell leaves in its directory, per command
+DONE_MARKER = {"cv": "cv_summary.json", "run": "summary.json"}
+#: the keys of the grid itself (the others are run options)
+GRID_KEYS = ("command", "output", "rotations", "exclude")
+
+
+def _launch_fields() -> tuple[str, ...]:
+    from cdft_core.training.launch import LaunchOptions
+
+    return tuple(f.name for f in dataclasses.fields(LaunchOptions))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One experiment of the grid: its number, its name (its directory) and its options."""
+
+    index: int
+    name: str
+    values: dict[str, Any]  # run options (config keys, ``config``, launcher options), in the file's order
+    labels: dict[str, str]  # axis -> the label of this cell's value on it
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A grid file read and checked: its cells (exclusions applied) and where they go."""
+
+    source: str
+    command: str
+    output: str
+    rotations: list[int] | None
+    axes: list[str]
+    cells: list[Cell]
+    excluded: int
+
+
+def load_grid(path: str, *, output: str | None = None) -> Grid:
+    """Read and check ``path``; ``output`` (``--output``) overrides the file's. Errors are
+    usage errors naming the file and the key (or the cell) at fault."""
+    data = load_yaml(path)
+    source = one_line(path, 120)
+    command = str(data.get("command", "cv"))
+    if command not in COMMANDS:
+        raise UsageError(f"{source}: command must be cv or run, got {command!r}")
+    run_keys = (*FIELD_NAMES, "config", *_launch_fields())
+    for key in data:
+        if key not in GRID_KEYS and key not in run_keys:
+            close = difflib.get_close_matches(str(key), [*GRID_KEYS, *run_keys], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; a grid takes `cdft run` options and " + ", ".join(GRID_KEYS)
+            raise UsageError(f"{source}: unknown key {str(key)!r}{hint}")
+    if command == "cv":
+        folds = [k for k in ("val_fold", "test_fold") if k in data]
+        if folds:
+            raise UsageError(f"{source}: {', '.join(folds)} is chosen by each rotation of a cv cell; drop it "
+                             f"(or use rotations:, or command: run)")
+    elif data.get("rotations") is not None:
+        raise UsageError(f"{source}: rotations apply to command: cv only")
+    settings = {k: v for k, v in data.items() if k not in GRID_KEYS}
+    axes = [k for k, v in settings.items() if isinstance(v, list)]
+    for axis in axes:
+        if not settings[axis]:
+            raise UsageError(f"{source}: {axis} lists no value; give at least one (or a single value)")
+    cells, excluded = _cells(source, settings, axes, data.get("exclude") or [], run_keys)
+    return Grid(source=str(path), command=command, output=str(output or data.get("output") or _default_output(path)),
+                rotations=_rotations(source, data.get("rotations")), axes=axes, cells=cells, excluded=excluded)
+
+
+def _default_output(path: str) -> str:
+    """``runs/<grid file name without .yaml>``."""
+    return "runs/" + PurePosixPath(str(path).replace("\\", "/")).stem
+
+
+def _rotations(source: str, value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        chosen = [int(item) for item in items if str(item).strip()]
+    except (TypeError, ValueError):
+        raise UsageError(f"{source}: rotations must be rotation numbers (0, 1, ...), got {value!r}") from None
+    if not chosen or len(set(chosen)) != len(chosen) or min(chosen) < 0:
+        raise UsageError(f"{source}: rotations must name distinct rotation numbers (0, 1, ...), got {value!r}")
+    return chosen
+
+
+def _cells(source: str, settings: Mapping[str, Any], axes: Sequence[str], exclude: Any,
+           run_keys: Sequence[str]) -> tuple[list[Cell], int]:
+    """The product of the axes, minus the excluded cells, each checked and named."""
+    if not isinstance(exclude, list) or not all(isinstance(e, Mapping) for e in exclude):
+        raise UsageError(f"{source}: exclude must be a list of mappings such as {{dataset: hcrf, backbone: NAME}}")
+    for entry in exclude:
+        unknown = [k for k in entry if k not in run_keys]
+        if unknown:
+            raise UsageError(f"{source}: exclude entry {_shown(entry)} names unknown keys {unknown}")
+    combos = list(itertools.product(*(range(len(settings[axis])) for axis in axes)))
+    used = [False] * len(exclude)
+    cells: list[Cell] = []
+    for combo in combos:
+        values, labels = _cell_values(source, settings, dict(zip(axes, combo, strict=True)), run_keys)
+        hits = [i for i, entry in enumerate(exclude) if all(_matches(values.get(k), v) for k, v in entry.items())]
+        for i in hits:
+            used[i] = True
+        if not hits:
+            name = "-".join(_safe(label) for label in labels.values()) or "cell"
+            cells.append(Cell(len(cells), name, values, labels))
+    unused = [_shown(entry) for entry, hit in zip(exclude, used, strict=True) if not hit]
+    if unused:
+        raise UsageError(f"{source}: exclude entry {unused[0]} matches no cell; check its keys and values")
+    names = [c.name for c in cells]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"{source}: two cells would share the directory {twice[0]!r}; make the axes' values distinct")
+    return [_typed(source, cell) for cell in cells], len(combos) - len(cells)
+
+
+def _cell_values(source: str, settings: Mapping[str, Any], choice: Mapping[str, int],
+                 run_keys: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """One cell's options in the file's order (a mapping entry expands in place) and its axis labels."""
+    values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for key, value in settings.items():
+        if key not in choice:
+            _put(source, values, key, value, key)
+            continue
+        entry = value[choice[key]]
+        if isinstance(entry, Mapping) and key not in DICT_FLAGS:
+            if key not in entry:
+                raise UsageError(f"{source}: the {key} entry {_shown(entry)} must set {key} itself (it names the cell)")
+            unknown = [k for k in entry if k not in run_keys]
+            if unknown:
+                raise UsageError(f"{source}: the {key} entry {_shown(entry)} sets unknown options {unknown}")
+            for inner, item in entry.items():
+                _put(source, values, inner, item, key)
+            labels[key] = _label(key, entry[key])
+        else:
+            _put(source, values, key, entry, key)
+            labels[key] = _label(key, entry)
+    return values, labels
+
+
+def _put(source: str, values: dict[str, Any], key: str, value: Any, where: str) -> None:
+    if key in values:
+        raise UsageError(f"{source}: {key} is set twice for one cell (again by the {where} axis); set it in one place")
+    if isinstance(value, list):
+        raise UsageError(f"{source}: {key} inside an entry of the {where} axis is a list; an axis is a top-level list")
+    values[key] = value
+
+
+def _label(key: str, value: Any) -> str:
+    """A name (dataset, backbone...) as it is, a preset by its file name, anything else after its key."""
+    if key == "config":
+        return PurePosixPath(str(value)).stem
+    if isinstance(value, bool):
+        return key if value else f"no_{key}"
+    if isinstance(value, Mapping):
+        return "_".join(f"{k}={v}" for k, v in value.items())
+    return str(value) if key in _NAME_FIELDS else f"{key}{value}"
+
+
+#: options whose values are names, shown as they are in a cell's name
+_NAME_FIELDS = {f.name for f in dataclasses.fields(RunConfig) if str(f.type).startswith("str")}
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+]+", "_", text).strip("_") or "x"
+
+
+def _matches(value: Any, wanted: Any) -> bool:
+    options = wanted if isinstance(wanted, list) else [wanted]
+    return any(_norm(value) == _norm(option) for option in options)
+
+
+def _norm(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str) if isinstance(value, Mapping) else str(value)
+
+
+def _shown(value: Any) -> str:
+    return one_line(json.dumps(value, default=str), 100)
+
+
+def _typed(source: str, cell: Cell) -> Cell:
+    """The cell with its options checked and converted as ``cdft run`` reads them (``"false"``
+    -> False, ``1e-4`` -> 0.0001), so its command line spells them right. Names and paths are
+    checked where the cell runs: the machine that lists a grid may not hold the data."""
+    where = f"{source}: cell {cell.index} ({cell.name})"
+    preset = cell.values.get("config")
+    fields = {k: v for k, v in cell.values.items() if k in FIELD_NAMES}
+    base = merge(RunConfig(), load_yaml(str(preset)), source=str(preset)) if preset else RunConfig()
+    merge(base, fields, source=where)  # the cell as it will run: its preset under its options
+    typed = merge(RunConfig(), fields, source=where)  # its own options alone, converted
+    launch = {k: v for k, v in cell.values.items() if k in _launch_fields()}
+    if launch:
+        from cdft_core.training.launch import LaunchOptions, WorkerCommand, torchrun_argv
+
+        try:
+            options = LaunchOptions(**{k: int(v) if k == "node_rank" else str(v) for k, v in launch.items()})
+        except ValueError:
+            raise UsageError(f"{where}: node_rank must be a number, got {launch['node_rank']!r}") from None
+        torchrun_argv(options, WorkerCommand("cdft_cli", ()))  # its checks of the launcher options
+    values = {k: getattr(typed, k) if k in fields else v for k, v in cell.values.items()}
+    return dataclasses.replace(cell, values=values)
+
+
+# -- commands and states ------------------------------------------------------------------
+def cell_dir(grid: Grid, cell: Cell) -> str:
+    """The cell's directory: ``<output>/<cell name>`` (a local path or URL)."""
+    return f"{grid.output.rstrip('/')}/{cell.name}"
+
+
+def cell_args(grid: Grid, cell: Cell) -> list[str]:
+    """The cell's self-contained ``cdft`` arguments (``cv --dataset ... --output DIR``)."""
+    args = [grid.command, *option_args(cell.values), "--output", cell_dir(grid, cell)]
+    if grid.command == "cv" and grid.rotations is not None:
+        args += ["--rotations", ",".join(str(r) for r in grid.rotations)]
+    return args
+
+
+def resume_args(grid: Grid, cell: Cell) -> list[str]:
+    """The arguments that continue a started cell."""
+    return [grid.command, "--resume", cell_dir(grid, cell)]
+
+
+def cell_state(grid: Grid, cell: Cell) -> str:
+    """``done`` (its summary exists), ``started`` (its configuration exists) or ``new``."""
+    from cdft_core.training.rundir import RunDir
+
+    rundir = RunDir(cell_dir(grid, cell))
+    if rundir.exists(DONE_MARKER[grid.command]):
+        return "done"
+    return "started" if rundir.exists("config.yaml") else "new"
