@@ -177,6 +177,21 @@ def test_epoch_keys_seed_like_the_epoch_attribute():
     assert not torch.equal(data[(1, 4)][0], expected)
 
 
+def test_seeding_an_item_draws_torch_manual_seeds_numbers_and_leaves_cuda_alone(monkeypatch):
+    """Only the CPU generator is seeded: the same numbers as ``torch.manual_seed``, while
+    CUDA's generators (dropout on the GPU) are never reseeded per item."""
+    from cdft_core.training.schedule import derive_seed
+
+    data = SeededAugmentation(_Noise(), seed=5)
+    torch.manual_seed(derive_seed(5, "augment", 0, 3))
+    expected = torch.rand(3)
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    assert torch.equal(data[3][0], expected)
+    assert reseeded == []
+
+
 def test_run_loader_reused_for_every_epoch_gives_each_epochs_images():
     data = SeededAugmentation(_Noise(), seed=5)
     loaders = RunLoaders()
