@@ -64,6 +64,31 @@ def test_two_processes_match_one_process_evaluation(tmp_path_factory):
             assert single["loss"] == pytest.approx(stage[split_name]["loss"], rel=1e-5)
 
 
+def test_two_process_predictions_match_one_process(tmp_path_factory):
+    """Each stage's predictions.csv of the 2-process run lists every image once, in split
+    order, with what a 1-process evaluation of its checkpoint predicts for it."""
+    import numpy as np
+    import pandas as pd
+
+    from cdft_core.training.evaluation import evaluate_checkpoint
+
+    run_dir, _ = _two_process_run(tmp_path_factory)
+    summary = read_json(run_dir / "summary.json")
+    probs = [f"prob_{c}" for c in summary["classes"]]
+    for stage in summary["stages"]:
+        frame = pd.read_csv(run_dir / stage["checkpoint"].replace("best.safetensors", "predictions.csv"),
+                            dtype={"group": str, "image_path": str}, keep_default_na=False)
+        for split_name in ("val", "test"):
+            rows = frame[frame["split"] == split_name]
+            single = evaluate_checkpoint(str(run_dir / stage["checkpoint"]), split=split_name, device="cpu")
+            assert len(rows) == single.metrics["n"] == 9
+            assert rows["predicted"].tolist() == single.predictions.probabilities().argmax(1).tolist()
+            assert rows["label"].tolist() == single.predictions.labels.tolist()
+            assert np.allclose(rows[probs].to_numpy(), single.predictions.probabilities(), atol=1e-6)
+            assert (rows["predicted"] == rows["label"]).mean() == pytest.approx(stage[split_name]["accuracy"], abs=1e-12)
+            assert single.metrics["patient_accuracy"] == stage[split_name]["patient_accuracy"]
+
+
 def test_sigterm_on_one_rank_stops_all_and_resume_matches(tmp_path_factory, tmp_path):
     """Preemption of a 2-process run: every rank stops at the same step, one state is saved,
     the launcher exits 143; resumed with 2 processes the run ends exactly as the uninterrupted one."""

@@ -47,6 +47,29 @@ class Splits:
     dataset: str = ""
     options: dict[str, str] = field(default_factory=dict)
     split_file: str | None = None
+    group_column: str | None = None  # the dataset's (``patient``), None: images are independent
+
+    def groups(self, split: str) -> list[str] | None:
+        """The group (patient) of each row of ``split`` as text, ``""`` where a row has none;
+        None when the table has no group column or no row has a value: the patient-level
+        metrics and ``predictions.csv`` take their groups from here."""
+        table = getattr(self, split)
+        if not self.group_column or self.group_column not in table.columns:
+            return None
+        values = [group_text(v) for v in table[self.group_column].tolist()]
+        return values if any(values) else None
+
+
+def group_text(value: Any) -> str:
+    """A group id as text: ``""`` for a missing value, ``22549`` (not ``22549.0``) for a
+    number pandas read as float because some row was empty."""
+    import pandas as pd
+
+    if pd.isna(value):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
 
 
 def _scan_and_fold(
@@ -195,6 +218,7 @@ def load_splits(
         dataset=dataset,
         options=resolved,
         split_file=None if split_file is None else str(split_file),
+        group_column=ds.group_column,
     )
 
 

@@ -20,7 +20,9 @@ Every feature and the config key (``cdft run --help`` option) that controls it:
 - **Model selection**: after each epoch the validation split is evaluated; when its
   accuracy is >= the best so far, the weights are saved and the test split is evaluated.
   The result is the test metrics at the best validation epoch of the last stage.
-- **Metrics**: :mod:`cdft_core.training.evaluation` — the same numbers with 1 or N processes.
+- **Metrics**: :mod:`cdft_core.training.evaluation` — the same numbers with 1 or N processes,
+  patient-level ones where images have patients; each stage writes its best weights'
+  per-image predictions (:mod:`cdft_core.training.predictions`).
 - **Determinism** (``seed``): the seed fixes the split, the initialisation, the data order
   and every augmentation (:mod:`cdft_core.training.loaders`). ``--resume`` continues from
   the last saved state (after every epoch, and at the current step on SIGTERM) and ends
@@ -49,7 +51,6 @@ import contextlib
 import dataclasses
 import sys
 import time
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ from cdft_core.training.distributed import (
     teardown,
     wrap_ddp,
 )
-from cdft_core.training.evaluation import autocast, eval_batch_size, eval_loader, evaluate
+from cdft_core.training.evaluation import autocast, metrics_of
 from cdft_core.training.faults import step_hook_from_env
 from cdft_core.training.loaders import (
     SeededAugmentation,
@@ -78,6 +79,7 @@ from cdft_core.training.loaders import (
 )
 from cdft_core.training.log import RunLog, progress_bar, stage_epoch
 from cdft_core.training.optimizer import build_optimizer, build_scaler, optimizer_class, trainable_count
+from cdft_core.training.predictions import best_predictions, evaluate_split, save_predictions
 from cdft_core.training.preflight import check_memory, load_run_splits, preflight
 from cdft_core.training.records import (
     best_weights,
@@ -269,8 +271,7 @@ def train_stage(run: Run, index: int) -> None:
                                             "lr_groups": rates(current.optimizer)})
         broadcast_buffers(model, run.dist)  # every rank evaluates the model rank 0 saves
         where = stage_epoch(index + 1, len(run.strategy.stages), epoch + 1, epochs)
-        val = evaluate(model, run.data.val, run.splits.classes, run.dist, eval_batch_size(config),
-                       config.num_workers, run.precision, description=f"{where} val", loader=_eval_loader(run, "val"))
+        val = evaluate_split(run, "val", f"{where} val")
         record(run, index, epoch, "val", val)
         is_best = progress.best_accuracy is None or val["accuracy"] >= progress.best_accuracy
         if is_best:
@@ -288,34 +289,23 @@ def train_stage(run: Run, index: int) -> None:
     _complete_stage(run, index, epochs)
 
 
-def _eval_loader(run: Run, name: str) -> Any:
-    """The run's loader of its val or test split, built at first use and kept (persistent workers);
-    in a frozen stage, its stored features in the same batches (:mod:`cdft_core.training.frozen`)."""
-    stored = run.features.eval_loader(name) if run.features is not None else None
-    if stored is not None:
-        return stored
-    dataset = getattr(run.data, name)
-    return run.loaders.get(name, lambda: eval_loader(dataset, run.dist, eval_batch_size(run.config),
-                                                     run.config.num_workers, persistent=True))
-
-
 def _stage_epochs(run: Run, index: int) -> int:
     return run.strategy.stages[index].epochs or run.config.epochs
 
 
 def _complete_stage(run: Run, index: int, epochs: int) -> None:
-    """Evaluate the test split once, with the stage's best-validation weights; record the
-    stage's result and start the next one (from those weights if it says so)."""
+    """Evaluate the test split once, with the stage's best-validation weights (and val again,
+    for ``predictions.csv``: :mod:`cdft_core.training.predictions`); record the stage's
+    result and start the next one (from those weights if it says so)."""
     stages, model = run.strategy.stages, run.model
     continues = index + 1 < len(stages) and stages[index + 1].init == "start"  # from the last epoch's weights
     current = {k: v.detach().clone() for k, v in model.state_dict().items()} if continues else None
     model.load_state_dict(best_weights(run, index))
-    run.progress.best_test = evaluate(model, run.data.test, run.splits.classes, run.dist,
-                                      eval_batch_size(run.config), run.config.num_workers, run.precision,
-                                      description=f"stage {index + 1}/{len(stages)} test",
-                                      loader=_eval_loader(run, "test"))
+    outputs = best_predictions(run, index)
+    run.progress.best_test = metrics_of(outputs["test"], run.splits.classes, run.splits.groups("test"))
     record(run, index, run.progress.best_epoch - 1, "test", run.progress.best_test)
     save_test_result(run, index)
+    save_predictions(run, index, outputs)
     run.log(f"stage {index + 1} {stages[index].name}: test accuracy {run.progress.best_test['accuracy']:.4f} "
             f"at the best validation epoch {run.progress.best_epoch}")
     run.progress.stages.append(stage_result(run, index, epochs))

@@ -3,16 +3,19 @@
 Each rank predicts its share (``DistributedSampler`` without shuffling, which pads the
 last share by repeating images); the predictions are gathered, the repeats dropped and
 the metrics computed once on exactly the evaluation set, so 1 and N processes give the
-same numbers (docs/method.md#distributed-evaluation). ``cdft eval`` uses the same
-function on a checkpoint (:func:`evaluate_checkpoint`).
+same numbers (docs/method.md#distributed-evaluation). :func:`predict` returns the
+gathered predictions (a stage writes them per image), :func:`evaluate` their metrics.
+``cdft eval`` uses the same function on a checkpoint (:func:`evaluate_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
@@ -38,14 +41,29 @@ def eval_loader(dataset: torch.utils.data.Dataset, dist_info: DistInfo, batch_si
                        persistent=persistent)
 
 
-def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, classes: list[str], dist_info: DistInfo,
-             batch_size: int, num_workers: int | str, precision: str, description: str = "evaluating",
-             loader: DataLoader | None = None) -> dict[str, Any]:
-    """Metrics of ``model`` on ``dataset``; every rank takes part and gets the same numbers.
+@dataclass
+class Predictions:
+    """Every image's label and logits, once each, in dataset order (the rows of the split
+    table): the same on every rank, whatever the number of processes. Kept apart from the
+    metrics so a stage can also write them per image (``predictions.csv``)."""
+
+    labels: torch.Tensor  # (n,) int64
+    logits: torch.Tensor  # (n, classes) float32
+
+    def probabilities(self) -> np.ndarray:
+        """Softmax of the logits (float32, as the metrics see them: the file and the metrics agree)."""
+        return torch.softmax(self.logits, 1).numpy()
+
+
+def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, classes: list[str], dist_info: DistInfo,
+            batch_size: int, num_workers: int | str, precision: str, description: str = "evaluating",
+            loader: DataLoader | None = None) -> Predictions:
+    """The predictions of ``model`` on ``dataset``; every rank takes part and gets all of them.
 
     On a terminal, rank 0 shows a progress bar (``description``, batches); elsewhere nothing.
     ``loader``: an :func:`eval_loader` of ``dataset`` kept from an earlier call (a run's,
-    whose workers persist); by default a new one.
+    whose workers persist), or stored features in its batches (a frozen stage's
+    ``StoredEval``: its indices are rows of ``dataset`` too); by default a new one.
     """
     if loader is None:
         loader = eval_loader(dataset, dist_info, batch_size, num_workers)
@@ -72,9 +90,25 @@ def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, classes:
              torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
              torch.cat(logits) if logits else torch.zeros(0, k))
     _, all_labels, all_logits = gather_predictions(*local, dist_info, len(dataset))
-    result = metrics_lib.compute_metrics(all_labels.numpy(), torch.softmax(all_logits, 1).numpy(), classes)
-    result["loss"] = float(F.cross_entropy(all_logits, all_labels)) if len(all_labels) else 0.0
+    return Predictions(all_labels, all_logits)
+
+
+def metrics_of(predictions: Predictions, classes: list[str], groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """The metrics of ``predictions`` (:func:`~cdft_core.training.metrics.compute_metrics`,
+    patient-level ones when ``groups`` are given) and the cross-entropy loss."""
+    labels, logits = predictions.labels, predictions.logits
+    result = metrics_lib.compute_metrics(labels.numpy(), predictions.probabilities(), classes, groups)
+    result["loss"] = float(F.cross_entropy(logits, labels)) if len(labels) else 0.0
     return result
+
+
+def evaluate(model: torch.nn.Module, dataset: torch.utils.data.Dataset, classes: list[str], dist_info: DistInfo,
+             batch_size: int, num_workers: int | str, precision: str, description: str = "evaluating",
+             loader: DataLoader | None = None, groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """Metrics of ``model`` on ``dataset`` (:func:`predict`, then :func:`metrics_of`); every
+    rank gets the same numbers. ``groups``: each row's patient (``Splits.groups``), or None."""
+    return metrics_of(predict(model, dataset, classes, dist_info, batch_size, num_workers, precision, description,
+                              loader), classes, groups)
 
 
 # -- a saved checkpoint (cdft eval) ------------------------------------------------------
@@ -88,6 +122,7 @@ class CheckpointEvaluation:
     classes: list[str]
     metrics: dict[str, Any]
     image_cache: str | None = None  # the run's image cache it read (its folder), None: images decoded
+    predictions: Predictions | None = None  # per image, in the split table's order
 
 
 def find_checkpoint(target: str) -> str:
@@ -153,9 +188,10 @@ def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | N
     cache = cache_for_tables(splits.root, [splits.train, splits.val, splits.test], model.data_config,
                              cache_dir=config.cache_dir, build=False) if config.cache else None
     dataset = ImageDataset(splits.root, table, eval_transform(model.data_config), cache)
-    result = evaluate(model, dataset, classes, dist_info, batch_size or eval_batch_size(config), num_workers,
+    outputs = predict(model, dataset, classes, dist_info, batch_size or eval_batch_size(config), num_workers,
                       resolve_precision(config.precision, torch_device), description=f"evaluating {split}")
-    return CheckpointEvaluation(checkpoint, split, meta, classes, result, cache.directory if cache else None)
+    result = metrics_of(outputs, classes, splits.groups(split))
+    return CheckpointEvaluation(checkpoint, split, meta, classes, result, cache.directory if cache else None, outputs)
 
 
 def eval_batch_size(config: Any) -> int:

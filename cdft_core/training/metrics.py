@@ -10,6 +10,10 @@ do not depend on the number of processes. Two F1 figures are reported on purpose
 Macro averages run over the classes present in the evaluated split's true labels only
 (``macro_over``); a class with no image there is shown as absent, never as 0.0
 (see :func:`compute_metrics`).
+
+Where images come from patients (the split table has a group column), the figures the
+BreakHis literature reports per patient are added (:func:`patient_metrics`): image-level
+accuracy over-weights patients with many images, and a diagnosis is made per patient.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ import numpy as np
 from cdft_core.text import text_table
 
 #: the scalar metrics, in the order tables show them
-SCALARS: tuple[str, ...] = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_paper", "roc_auc")
+SCALARS: tuple[str, ...] = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_paper", "roc_auc",
+                             "patient_recognition_rate", "patient_accuracy")
 
 
-def compute_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Metrics of one evaluation: ``labels`` (n,) ints, ``probs`` (n, k) class probabilities.
+def compute_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                    groups: Sequence[str] | None = None) -> dict[str, Any]:
+    """Metrics of one evaluation: ``labels`` (n,) ints, ``probs`` (n, k) class probabilities,
+    ``groups`` (n,) the patient (group) of each image, ``""`` for none, or None.
 
     Definition (docs/method.md#metrics), with predictions ``argmax(probs)``:
 
@@ -49,7 +56,9 @@ def compute_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, class
     - ``confusion_matrix``: rows the true class, columns the predicted class, every
       class (an absent class is an all-zero row);
     - ``n``: the number of images. With no images at all the scalars are 0.0 and
-      ``macro_over`` is empty.
+      ``macro_over`` is empty;
+    - ``patient_recognition_rate`` and ``patient_accuracy``: :func:`patient_metrics`, only
+      when some image has a group (both keys are absent otherwise).
 
     The result is JSON-safe (it goes to ``summary.json`` and ``metrics.jsonl``).
     """
@@ -92,6 +101,8 @@ def compute_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, class
     }
     if len(classes) == 2 and len(present) == 2:
         out["roc_auc"] = float(roc_auc_score(y_true, probs[:, 1]))
+    if groups is not None:
+        out.update(patient_metrics(y_true, probs, groups))
     out["per_class"] = {
         name: (
             {"present": True, "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
@@ -105,6 +116,40 @@ def compute_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, class
         confusion_matrix(y_true, y_pred, labels=label_ids).tolist() if present else [[0] * len(classes) for _ in classes]
     )
     return out
+
+
+def patient_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray, groups: Sequence[str]) -> dict[str, float]:
+    """The patient-level figures of one evaluation (docs/method.md#patient-level-metrics);
+    ``{}`` when no image has a group.
+
+    Images with an empty group (``""``) take no part; each other value is one patient.
+
+    - ``patient_recognition_rate``: the mean over patients of the share of that patient's
+      images predicted (``argmax(probs)``) as their true class — every patient weighs the
+      same, however many images it has;
+    - ``patient_accuracy``: the share of patients whose mean class-probability vector
+      (over its images) has its largest entry at the patient's label. A patient whose
+      images carry several labels takes the most frequent one, a tie going to the
+      smallest label index; a tie between probabilities also goes to the smallest index
+      (``argmax``).
+    """
+    y_true = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(groups) != y_true.shape[0]:
+        raise ValueError(f"groups has {len(groups)} entries for {y_true.shape[0]} labels")
+    members: dict[str, list[int]] = {}
+    for row, group in enumerate(groups):
+        if group != "":
+            members.setdefault(group, []).append(row)
+    if not members:
+        return {}
+    correct = probs.argmax(axis=1) == y_true if y_true.size else np.zeros(0, dtype=bool)
+    rates, hits = [], []
+    for rows in members.values():
+        rates.append(float(correct[rows].mean()))
+        label = int(np.bincount(y_true[rows]).argmax())  # the majority label; a tie: the smallest
+        hits.append(int(probs[rows].mean(axis=0).argmax()) == label)
+    return {"patient_recognition_rate": float(np.mean(rates)), "patient_accuracy": float(np.mean(hits))}
 
 
 def paper_f1(precision: float, recall: float) -> float:

@@ -199,7 +199,7 @@ def run_probe(config: RunConfig, lrs: Sequence[float], weight_decays: Sequence[f
         row = {"lr": heads[h][0], "weight_decay": heads[h][1], "best_epoch": result.best_epoch[h]}
         for name in ("val", "test"):
             row[name] = evaluate(model, evaluation[name], splits.classes, dist, batch, workers, precision,
-                                 description=f"head {h + 1} {name}", loader=stored[name])
+                                 description=f"head {h + 1} {name}", loader=stored[name], groups=splits.groups(name))
         table.append(row)
     choice = chosen_head(result.best_accuracy)
     for store in [train_store, *(s.store for s in stored.values())]:
