@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("cdft_cli.run", "run_command", "Fine-tune a backbone (single process or torchrun-launched)."),
     "cv": ("cdft_cli.cv_cmd", "cv_command", "Cross-validate: every rotation of the fold protocol, with mean, std and 95% CI."),
     "grid": ("cdft_cli.grid_cmd", "grid_command", "Run, list or print the cells of a grid of cross-validations (GRID.yaml)."),
+    "report": ("cdft_cli.report_cmd", "report_command", "Tables, plots, paired tests and one HTML page from runs, cv and grid dirs."),
     "eval": ("cdft_cli.eval", "eval_command", "Re-evaluate a saved run or checkpoint."),
     "probe": ("cdft_cli.probe", "probe_command", "Linear heads for a grid of lrs and weight decays at once, on cached features."),
     "demo": ("cdft_cli.demo", "demo_command", "Synthetic data + staged fine-tune of a tiny model, end to end on CPU."),

@@ -1,0 +1,161 @@
+"""The rows of the results table: complete runs grouped by dataset, backbone and strategy,
+each run with its metric values and its predictions.
+
+Why a row can carry a *setting*: the rotations of a cv parent and repeated runs of one
+(dataset, backbone, strategy) are samples of one result — but only when they were run
+the same way. Runs of one triple whose configuration differs in anything that changes
+what is measured (learning rate, epochs, dataset options such as the magnification, the
+protocol...) would be averaged into a number nobody ran, so they are split into rows
+named by what differs (``lr=0.001``). Paths, workers, logging, caches and the device do
+not change the measurement and are ignored; folds and seed are what tells samples apart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdft_core.reports.collect import Run
+from cdft_core.reports.predictions import PREDICTIONS, Predictions, macro_roc_auc, read_predictions
+
+#: the table's columns: a run's scalar metrics (``summary.json``), then the patient-level figures
+PATIENT_METRICS = ("patient_recognition_rate", "patient_accuracy")
+LABELS = {
+    "accuracy": "accuracy", "precision_macro": "macro precision", "recall_macro": "macro recall",
+    "f1_macro": "macro F1", "f1_paper": "F1 (paper)", "roc_auc": "ROC-AUC",
+    "patient_recognition_rate": "patient recognition rate", "patient_accuracy": "patient accuracy",
+}
+#: configuration keys that do not change what is measured, or that tell the samples apart
+IGNORED = frozenset({
+    "data_root", "split_file", "output", "runs_dir", "num_workers", "dist_timeout", "log_every", "tensorboard",
+    "cache", "cache_dir", "feature_cache", "eval_batch_size", "grad_checkpointing", "device", "compile",
+    "val_fold", "test_fold", "seed", "dataset", "backbone", "strategy",
+})
+
+
+def metric_names() -> tuple[str, ...]:
+    """Every column of the table, in order: the summary's scalars, then the patient-level
+    figures (named here too, so runs written before the scalars listed them still show them)."""
+    from cdft_core.training.metrics import SCALARS
+
+    return tuple(dict.fromkeys((*SCALARS, *PATIENT_METRICS)))
+
+
+@dataclass
+class Sample:
+    """One complete run as a sample of its row: its metric values, and its predictions
+    (None with ``no_predictions`` saying why: no ROC curve for it)."""
+
+    run: Run
+    values: dict[str, float]
+    predictions: Predictions | None
+    no_predictions: str | None = None
+
+
+@dataclass
+class Row:
+    """One row of the table: a (dataset, backbone, strategy) and its samples."""
+
+    dataset: str
+    backbone: str
+    strategy: str
+    setting: str
+    samples: list[Sample] = field(default_factory=list)
+    slug: str = ""
+
+    @property
+    def label(self) -> str:
+        text = f"{self.dataset} · {self.backbone} · {self.strategy}"
+        return f"{text} ({self.setting})" if self.setting else text
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    def values(self, metric: str) -> list[float]:
+        """The metric over the samples that have it (a run without it is not counted in its n)."""
+        return [s.values[metric] for s in self.samples if metric in s.values]
+
+
+def build_rows(runs: Sequence[Run], split: str) -> list[Row]:
+    """Group complete runs into rows (sorted by dataset, backbone, strategy, setting), reading each run's values."""
+    groups: dict[tuple[str, str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.dataset, run.backbone, run.strategy), []).append(run)
+    rows: dict[tuple[str, str, str, str], Row] = {}
+    for (dataset, backbone, strategy), members in groups.items():
+        settings = _settings(members)
+        for run in members:
+            key = (dataset, backbone, strategy, settings[run.path])
+            rows.setdefault(key, Row(*key)).samples.append(sample(run, split))
+    ordered = [rows[key] for key in sorted(rows)]
+    used: set[str] = set()
+    for row in ordered:
+        row.slug = _unique(_slug(f"{row.dataset}-{row.backbone}-{row.strategy}-{row.setting}"), used)
+    return ordered
+
+
+def sample(run: Run, split: str) -> Sample:
+    """A run's metric values on ``split`` (the summary's; a missing ROC-AUC from its predictions)."""
+    metrics = run.summary[split]
+    values = {name: float(metrics[name]) for name in metric_names()
+              if isinstance(metrics.get(name), (int, float)) and not isinstance(metrics.get(name), bool)}
+    path = run.predictions_path()
+    if path is None:
+        return Sample(run, values, None, f"no {PREDICTIONS} in {run.stage_dir()}")
+    try:
+        predictions = read_predictions(path, split, run.classes)
+    except (OSError, ValueError) as exc:
+        from cdft_core.text import one_line
+
+        return Sample(run, values, None, f"{PREDICTIONS} cannot be used ({one_line(exc, 160)})")
+    if "roc_auc" not in values and (auc := macro_roc_auc(predictions)) is not None:
+        values["roc_auc"] = auc
+    return Sample(run, values, predictions)
+
+
+def _settings(runs: Sequence[Run]) -> dict[str, str]:
+    """Each run's setting: the configuration values that differ among ``runs`` (``""`` when none do)."""
+    flat = {run.path: _flatten(run) for run in runs}
+    shared = set.intersection(*(set(f) for f in flat.values()))
+    varying = sorted(k for k in shared if len({json.dumps(f[k], sort_keys=True) for f in flat.values()}) > 1)
+    return {path: ", ".join(f"{_shown_key(k)}={_shown(f[k])}" for k in varying) for path, f in flat.items()}
+
+
+def _flatten(run: Run) -> dict[str, Any]:
+    """The run's configuration as flat keys (``dataset_options.magnification``), with the
+    protocol the run actually used (the configuration may leave it to the dataset)."""
+    out: dict[str, Any] = {}
+    for key, value in run.config.items():
+        if key in IGNORED:
+            continue
+        if isinstance(value, Mapping):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    if run.summary.get("protocol"):
+        out["protocol"] = run.summary["protocol"]
+    return out
+
+
+def _shown_key(key: str) -> str:
+    return key.replace("_options.", ".")
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_-.")[:120] or "row"
+
+
+def _unique(slug: str, used: set[str]) -> str:
+    candidate, index = slug, 2
+    while candidate.lower() in used:
+        candidate, index = f"{slug}-{index}", index + 1
+    used.add(candidate.lower())
+    return candidate
