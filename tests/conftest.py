@@ -28,3 +28,20 @@ def _fresh_registry(monkeypatch):
     reset_registry()
     yield
     reset_registry()
+
+
+# -- the image cache's tests (test_image_cache.py, test_cache_robustness.py) -----------------
+@pytest.fixture(scope="module")
+def local_root(tmp_path_factory) -> str:
+    """A small synthetic BreakHis tree, local."""
+    from helpers_data import small_breakhis_root
+
+    return small_breakhis_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def table(local_root):
+    """Its split table (every image, every fold)."""
+    from cdft_core.data.splits import prepare
+
+    return prepare("breakhis", local_root)

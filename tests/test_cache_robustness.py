@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_data import DATA_CONFIG, small_breakhis_root
+from helpers_data import DATA_CONFIG
 from helpers_engine import (
     invoke,
 )
@@ -20,33 +20,11 @@ from helpers_engine import (
 from cdft_core.data import cache_dir, image_cache
 from cdft_core.data.cache_dir import clear_caches, list_caches
 from cdft_core.data.image_cache import open_cache
-from cdft_core.data.splits import prepare
 from cdft_core.data.transforms import ResizeSpec
 from cdft_core.errors import CdftError
 
 SPEC = ResizeSpec.from_data_config(DATA_CONFIG)
 
-
-@pytest.fixture(scope="module")
-def local_root(tmp_path_factory) -> str:
-    return small_breakhis_root(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def table(local_root):
-    return prepare("breakhis", local_root)
-
-
-def _items(dataset, seed: int = 0) -> list[tuple[torch.Tensor, int]]:
-    out = []
-    for i in range(len(dataset)):
-        torch.manual_seed(seed + i)  # the train transform draws from torch's generator
-        out.append(dataset[i])
-    return out
-
-
-def _same(a, b) -> bool:
-    return all(torch.equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b, strict=True))
 
 
 def test_cache_dir_comes_from_the_environment_and_cli_lists_and_clears(tmp_path, local_root, table, monkeypatch):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers_data import DATA_CONFIG, copy_to_memory, hcrf_root, small_breakhis_root, zip_tree
+from helpers_data import DATA_CONFIG, copy_to_memory, hcrf_root, zip_tree
 from helpers_engine import (
     engine_data,
     invoke,
@@ -35,16 +35,6 @@ from cdft_core.data.transforms import ResizeSpec, eval_transform, train_transfor
 from cdft_core.errors import CdftError
 
 SPEC = ResizeSpec.from_data_config(DATA_CONFIG)
-
-
-@pytest.fixture(scope="module")
-def local_root(tmp_path_factory) -> str:
-    return small_breakhis_root(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def table(local_root):
-    return prepare("breakhis", local_root)
 
 
 def _items(dataset, seed: int = 0) -> list[tuple[torch.Tensor, int]]:
