@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "probe": ("cdft_cli.probe", "probe_command", "Linear heads for a grid of lrs and weight decays at once, on cached features."),
     "demo": ("cdft_cli.demo", "demo_command", "Synthetic data + staged fine-tune of a tiny model, end to end on CPU."),
     "cache": ("cdft_cli.cache_cmd", "cache_command", "Show or free the image and feature caches (`cdft cache list`, `clear`)."),
+    "predict": ("cdft_cli.predict_cmd", "predict_command", "Class probabilities of a trained run for images, folders, globs or a CSV."),
+    "embed": ("cdft_cli.embed_cmd", "embed_command", "Per-image features of a trained run or a backbone, to safetensors."),
+    "export": ("cdft_cli.export_cmd", "export_command", "Export a run's model to ONNX or .pt2 (dynamic batch, checked against PyTorch)."),
+    "explain": ("cdft_cli.explain_cmd", "explain_command", "Grad-CAM heatmaps over images for the predicted (or a chosen) class."),
 }
 
 

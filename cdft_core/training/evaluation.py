@@ -156,7 +156,7 @@ def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | N
     from cdft_core.data.images import ImageDataset
     from cdft_core.data.splits import load_splits
     from cdft_core.data.transforms import eval_transform
-    from cdft_core.models.model import model_from_spec
+    from cdft_core.inference.model_loading import model_from_tensors
     from cdft_core.training.checkpoint import read_model
 
     checkpoint = find_checkpoint(target)
@@ -177,12 +177,7 @@ def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | N
         raise UsageError(f"the {split} split is empty")
 
     torch_device = resolve_device(device)
-    model = model_from_spec(meta["cdft_spec"])
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise CdftError(f"{checkpoint!r} does not fit its own model spec ({len(missing)} missing, "
-                        f"{len(unexpected)} unexpected tensors)")
-    model.to(torch_device)
+    model = model_from_tensors(tensors, meta, checkpoint, torch_device)
     dist_info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(torch_device))
     # the run's image cache when it is still there (one pass gains nothing from building one)
     cache = cache_for_tables(splits.root, [splits.train, splits.val, splits.test], model.data_config,

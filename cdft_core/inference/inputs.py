@@ -1,0 +1,145 @@
+"""The images a command is asked about: files, folders, glob patterns, CSV lists and URLs.
+
+``cdft predict``/``embed`` take any mix of INPUT arguments and turn them into one ordered
+list of :class:`InputImage` (duplicates dropped, first occurrence kept), each read through
+fsspec so that local paths, ``s3://``, ``memory://`` and ``zip://`` all behave alike:
+
+- an image file (any extension: the user named it);
+- a folder: every image under it (:data:`~cdft_core.data.root.IMAGE_EXTENSIONS`,
+  recursively, sorted), through :class:`~cdft_core.data.root.DataRoot` (links followed);
+- a glob pattern (``*``, ``?``, ``[``; ``**`` recurses), local or behind a URL;
+- a ``.csv`` file with an ``image_path`` column: paths relative to the CSV's folder (or
+  absolute); the row's other columns travel with the image (``--group-by column:NAME``).
+
+An argument that names nothing is a usage error (a typo should not yield an empty
+table); an image that cannot be *read* is not an error here: the reader reports it per
+image (:func:`read_image`), so one bad file never hides the others.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import posixpath
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdft_core.data.root import IMAGE_EXTENSIONS, DataRoot, open_url
+from cdft_core.errors import CdftError, UsageError
+from cdft_core.text import one_line
+
+_GLOB = ("*", "?", "[")
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One image to read: ``path`` as shown in outputs (the argument's spelling, or a URL),
+    and the columns of its CSV row (empty for other inputs)."""
+
+    path: str
+    columns: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+
+def collect_inputs(arguments: Sequence[str]) -> list[InputImage]:
+    """Every image the INPUT arguments name, in argument order, without duplicates."""
+    if not arguments:
+        raise UsageError("no INPUT given; pass image files, folders, glob patterns or a CSV with an image_path column")
+    seen: set[str] = set()
+    images: list[InputImage] = []
+    for argument in arguments:
+        for image in _expand(str(argument)):
+            if image.path not in seen:
+                seen.add(image.path)
+                images.append(image)
+    if not images:
+        raise UsageError(f"no images found in {', '.join(map(repr, arguments))}")
+    return images
+
+
+def _expand(argument: str) -> Iterable[InputImage]:
+    if argument.lower().endswith(".csv") and not any(c in argument for c in _GLOB):
+        return _from_csv(argument)
+    fs, path = open_url(argument, "INPUT")
+    is_url = "://" in argument
+    if any(c in argument for c in _GLOB):
+        if is_url:
+            files = [fs.unstrip_protocol(m) for m in sorted(fs.glob(path)) if not fs.isdir(m)]
+        else:  # Python's glob keeps the user's spelling (relative stays relative)
+            files = [m for m in sorted(glob.glob(argument, recursive=True)) if not os.path.isdir(m)]
+        if not files:
+            raise UsageError(f"INPUT pattern {one_line(argument, 120)!r} matches no files")
+        return [InputImage(m) for m in files]
+    try:
+        is_dir = fs.isdir(path)
+        exists = is_dir or fs.exists(path)
+    except OSError as exc:
+        raise CdftError(f"cannot read INPUT {one_line(argument, 120)!r}: {one_line(exc)}") from exc
+    if not exists:
+        raise UsageError(f"INPUT {one_line(argument, 120)!r} does not exist; pass image files, folders, "
+                         f"glob patterns or a CSV with an image_path column")
+    if is_dir:
+        root = DataRoot.open(argument, what="INPUT folder")
+        found = root.files(IMAGE_EXTENSIONS)
+        if not found:
+            raise UsageError(f"INPUT folder {one_line(argument, 120)!r} holds no images "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        return [InputImage(_join(argument, relative)) for relative in found]
+    return [InputImage(argument)]
+
+
+def _join(base: str, relative: str) -> str:
+    return f"{base.rstrip('/')}/{relative}" if base.rstrip("/") else relative
+
+
+def _from_csv(argument: str) -> list[InputImage]:
+    """The rows of a CSV list; ``image_path`` relative to the CSV's folder unless absolute or a URL."""
+    import csv
+    import io
+
+    fs, path = open_url(argument, "INPUT CSV")
+    try:
+        with fs.open(path, "rb") as handle:
+            text = handle.read().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise UsageError(f"INPUT CSV {one_line(argument, 120)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CdftError(f"cannot read INPUT CSV {one_line(argument, 120)!r}: {one_line(exc)}") from exc
+    reader = csv.DictReader(io.StringIO(text))
+    if "image_path" not in (reader.fieldnames or []):
+        raise UsageError(f"INPUT CSV {one_line(argument, 120)!r} has no image_path column "
+                         f"(its columns: {', '.join(reader.fieldnames or []) or 'none'})")
+    folder = argument.rsplit("/", 1)[0] if "/" in argument else ""
+    images = []
+    for number, row in enumerate(reader, start=2):
+        value = (row.get("image_path") or "").strip()
+        if not value:
+            raise UsageError(f"INPUT CSV {one_line(argument, 120)!r} line {number}: image_path is empty")
+        if "://" in value or posixpath.isabs(value) or not folder:
+            shown = value
+        else:
+            shown = _join(folder, value)
+        images.append(InputImage(shown, {k: "" if v is None else str(v) for k, v in row.items() if k is not None}))
+    if not images:
+        raise UsageError(f"INPUT CSV {one_line(argument, 120)!r} lists no images")
+    return images
+
+
+def read_image(path: str) -> Any:
+    """The decoded image (RGB ``uint8`` 3×H×W) at ``path`` (a local path or URL).
+
+    A missing, unreadable or undecodable file raises :class:`CdftError` with a one-line
+    reason that the caller lists next to the image.
+    """
+    import fsspec
+
+    from cdft_core.data.images import decode_image
+
+    try:
+        with fsspec.open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise CdftError("file not found") from None
+    except (OSError, ValueError) as exc:
+        raise CdftError(f"cannot read the file ({one_line(exc)})") from exc
+    return decode_image(data, path)

@@ -1,0 +1,61 @@
+"""Open a trained model (a run directory or a checkpoint) for inference.
+
+One loader for ``cdft eval``, ``predict``, ``embed``, ``export`` and ``explain``: the
+checkpoint carries the model spec (rebuilt without downloading anything), the class
+names and the run's configuration, so every command sees the same model, the same
+preprocessing and the same classes as the run that wrote it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cdft_core.errors import CdftError, UsageError
+
+
+def load_checkpoint_model(checkpoint: str, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model saved in ``checkpoint`` (a file path or URL), on ``device``, in eval mode, and its metadata."""
+    from cdft_core.training.checkpoint import read_model
+
+    tensors, meta = read_model(checkpoint)
+    return model_from_tensors(tensors, meta, checkpoint, device), meta
+
+
+def model_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], checkpoint: str,
+                       device: str = "cpu") -> torch.nn.Module:
+    """Rebuild the model of an already-read checkpoint (``read_model``) and load its tensors.
+
+    A state dict that does not fit its own spec is an error (not a silent partial load):
+    predictions from a half-loaded model would look plausible and be wrong.
+    """
+    from cdft_core.models.model import model_from_spec
+
+    model = model_from_spec(meta["cdft_spec"])
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise CdftError(f"{checkpoint!r} does not fit its own model spec ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected tensors)")
+    model.to(device)
+    model.eval()
+    return model
+
+
+def load_trained(target: str, device: str = "auto") -> tuple[torch.nn.Module, list[str], dict[str, Any], dict[str, Any]]:
+    """``(model, classes, data_config, metadata)`` of a RUN_DIR (its final best checkpoint) or a checkpoint.
+
+    ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...; the model is moved there and put
+    in eval mode. ``metadata`` is the checkpoint's (``cdft_spec``, ``cdft_config``,
+    ``cdft_classes``...) with ``checkpoint`` added: the file actually opened, to report.
+    """
+    from cdft_core.config import resolve_device
+    from cdft_core.training.evaluation import find_checkpoint
+
+    checkpoint = find_checkpoint(target)
+    model, meta = load_checkpoint_model(checkpoint, resolve_device(device))
+    classes = meta.get("cdft_classes")
+    if not classes:
+        raise UsageError(f"{checkpoint!r} has no class names in its metadata; it was not written by `cdft run`")
+    metadata = dict(meta, checkpoint=checkpoint)
+    return model, [str(c) for c in classes], dict(model.data_config), metadata

@@ -1,0 +1,66 @@
+"""``cdft embed``: per-image features of a trained run or a bare backbone, to one file.
+
+The work is :mod:`cdft_core.inference.embed` (its docstring gives the file format); this
+command parses, writes the file atomically and prints the final count line.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("embed")
+@click.argument("target", metavar="[RUN_DIR|CHECKPOINT]", required=False)
+@click.argument("inputs", metavar="INPUT...", nargs=-1)
+@click.option("--backbone", default=None, help="Embed with this backbone's pooled output instead of a trained run.")
+@click.option("--no-pretrained", is_flag=True, help="With --backbone: random weights (tests).")
+@click.option("--image-size", type=int, default=None, help="With --backbone: input size in pixels.")
+@click.option("--pooled", is_flag=True, help="From a run: the backbone's pooled output, not the adapter's.")
+@click.option("-o", "--output", required=True, help="Output file: .safetensors (default) or .parquet.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per batch.")
+@click.option("--num-workers", default="auto", show_default=True, help="Decoding worker processes: a number, or auto.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def embed_command(target: str | None, inputs: tuple[str, ...], backbone: str | None, no_pretrained: bool,
+                  image_size: int | None, pooled: bool, output: str, batch_size: int, num_workers: str,
+                  device: str) -> None:
+    """Write one feature row per readable INPUT image (paths in the file's metadata).
+
+    \b
+    Examples:
+      cdft embed runs/x slides/ -o features.safetensors
+      cdft embed --backbone vit_base_patch16_clip_224.openai 'tiles/*.png' -o clip.safetensors
+    """
+    from cdft_core.config import check_num_workers, resolve_device, resolve_precision
+    from cdft_core.errors import UsageError
+    from cdft_core.files import atomic_write
+    from cdft_core.inference.embed import backbone_model, embed_images, embedding_bytes
+    from cdft_core.inference.inputs import collect_inputs
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    workers = check_num_workers(num_workers)
+    if backbone is not None:
+        inputs = ((target,) if target else ()) + inputs  # no RUN_DIR: the first argument is an INPUT
+        torch_device = resolve_device(device)
+        model = backbone_model(backbone, pretrained=not no_pretrained, image_size=image_size).to(torch_device)
+        source, feature, precision = backbone, "pooled", resolve_precision("auto", torch_device.split(":")[0])
+    else:
+        if not target:
+            raise UsageError("give RUN_DIR|CHECKPOINT, or --backbone NAME")
+        from cdft_core.inference.model_loading import load_trained
+
+        model, _, _, metadata = load_trained(target, device)
+        config = metadata.get("cdft_config") or {}
+        source, feature = metadata["checkpoint"], "pooled" if pooled else "adapter"
+        precision = resolve_precision(str(config.get("precision") or "auto"), next(model.parameters()).device.type)
+    images = collect_inputs(inputs)
+    result = embed_images(model, images, feature=feature, source=source, batch_size=batch_size,
+                          num_workers=workers, precision=precision)
+    if result.paths:
+        atomic_write(output, embedding_bytes(result, output), what="embeddings file")
+    for path, reason in result.errors.items():
+        click.echo(f"cannot read {path}: {reason}", err=True)
+    where = output if result.paths else "above; nothing written"
+    click.echo(f"{len(images)} images, {len(result.errors)} could not be read (listed in {where})")
+    if not result.paths:
+        click.get_current_context().exit(1)
