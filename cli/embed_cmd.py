@@ -30,20 +30,22 @@ def embed_command(target: str | None, inputs: tuple[str, ...], backbone: str | N
       cdft embed runs/x slides/ -o features.safetensors
       cdft embed --backbone vit_base_patch16_clip_224.openai 'tiles/*.png' -o clip.safetensors
     """
-    from cdft_core.config import check_num_workers, resolve_device, resolve_precision
+    from cdft_core.config import check_num_workers, resolve_device
     from cdft_core.errors import UsageError
     from cdft_core.files import atomic_write
     from cdft_core.inference.embed import backbone_model, embed_images, embedding_bytes
-    from cdft_core.inference.inputs import collect_inputs
+    from cdft_core.inference.inputs import check_output, collect_inputs
+    from cdft_core.inference.model_loading import inference_precision
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     workers = check_num_workers(num_workers)
+    check_output(output, "embeddings file")  # before any model is loaded
     if backbone is not None:
         inputs = ((target,) if target else ()) + inputs  # no RUN_DIR: the first argument is an INPUT
         torch_device = resolve_device(device)
         model = backbone_model(backbone, pretrained=not no_pretrained, image_size=image_size).to(torch_device)
-        source, feature, precision = backbone, "pooled", resolve_precision("auto", torch_device.split(":")[0])
+        source, feature, precision = backbone, "pooled", inference_precision("auto", torch_device)
     else:
         if not target:
             raise UsageError("give RUN_DIR|CHECKPOINT, or --backbone NAME")
@@ -52,7 +54,7 @@ def embed_command(target: str | None, inputs: tuple[str, ...], backbone: str | N
         model, _, _, metadata = load_trained(target, device)
         config = metadata.get("cdft_config") or {}
         source, feature = metadata["checkpoint"], "pooled" if pooled else "adapter"
-        precision = resolve_precision(str(config.get("precision") or "auto"), next(model.parameters()).device.type)
+        precision = inference_precision(config.get("precision"), next(model.parameters()).device.type)
     images = collect_inputs(inputs)
     result = embed_images(model, images, feature=feature, source=source, batch_size=batch_size,
                           num_workers=workers, precision=precision)

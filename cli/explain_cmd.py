@@ -31,14 +31,22 @@ def explain_command(target: str, images: tuple[str, ...], output_dir: str, class
       cdft explain runs/x images/ --class ductal_carcinoma -o cams/
     """
     from cdft_cli.output import echo_json
-    from cdft_core.inference.explain import explain
+    from cdft_core.inference.explain import GRID_MAX, explain
 
     results = explain(target, list(images), output_dir, class_name=class_name, device=device, grid=not no_grid)
     if as_json:
         echo_json([{"image": r.image, "overlay": r.overlay, "class": r.explained, "probability": r.probability,
                     "predicted": r.predicted, "predicted_probability": r.predicted_probability} for r in results])
-        return
-    for r in results:
-        click.echo(f"{r.overlay}  {r.explained} p={r.probability:.3f}  ({r.image})")
-    if not no_grid:
-        click.echo(f"grid: {output_dir.rstrip('/')}/grid.png")
+    else:
+        for r in results:
+            click.echo(f"{r.overlay}  {r.explained} p={r.probability:.3f}  ({r.image})")
+        if not no_grid and results:
+            note = f" (the first {GRID_MAX} of {len(results)} images)" if len(results) > GRID_MAX else ""
+            click.echo(f"grid: {output_dir.rstrip('/')}/grid.png{note}")
+    for path, reason in results.failed.items():
+        click.echo(f"cannot read {path}: {reason}", err=True)
+    where = "the lines above" if results else "the lines above; nothing written"
+    if results.failed or not results:
+        click.echo(f"{results.total} images, {len(results.failed)} could not be read (listed in {where})", err=True)
+    if not results:
+        click.get_current_context().exit(1)

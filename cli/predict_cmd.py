@@ -42,7 +42,7 @@ def predict_command(target: str, inputs: tuple[str, ...], output: str | None, as
     from cdft_core.config import check_num_workers
     from cdft_core.errors import UsageError
     from cdft_core.files import atomic_write
-    from cdft_core.inference.inputs import collect_inputs
+    from cdft_core.inference.inputs import check_output, collect_inputs
     from cdft_core.inference.model_loading import load_trained
     from cdft_core.inference.predict import group_table, groups_path, image_rows, predict_images, to_csv
 
@@ -51,6 +51,10 @@ def predict_command(target: str, inputs: tuple[str, ...], output: str | None, as
     if output is None and not as_json:
         raise UsageError("give -o FILE (or --json to print the predictions)")
     workers = check_num_workers(num_workers)
+    if output is not None:  # before any compute: an unwritable output fails in one line
+        check_output(output, "predictions file")
+        if group_by and not as_json:
+            check_output(groups_path(output), "groups file")
     images = collect_inputs(inputs)
     model, classes, data_config, metadata = load_trained(target, device)
     table = predict_images(model, classes, data_config, images, metadata=metadata, batch_size=batch_size,
@@ -66,9 +70,9 @@ def predict_command(target: str, inputs: tuple[str, ...], output: str | None, as
             atomic_write(output, (text + "\n").encode(), what="predictions file")
     else:
         assert output is not None
+        atomic_write(output, to_csv(rows).encode(), what="predictions file")  # the main file first
         if table.groups is not None:
             atomic_write(groups_path(output), to_csv(groups).encode(), what="groups file")
-        atomic_write(output, to_csv(rows).encode(), what="predictions file")
     where = output or "the JSON"
     extra = f"; groups in {groups_path(output)}" if output and table.groups is not None and not as_json else ""
     click.echo(f"{len(images)} images, {table.failed} could not be read (listed in {where}){extra}",

@@ -102,3 +102,21 @@ def test_the_layer_explained_follows_the_architecture_and_the_adapter():
     maps, probs = grad_cam(vit_pooled.eval(), [picture], vit_pooled.data_config, None)
     assert maps[0].shape == (20, 30) and np.isfinite(maps[0]).all()
     assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_unreadable_image_is_skipped_and_listed(run, images, tmp_path, monkeypatch):
+    import cdft_core.inference.explain as explain_module
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    monkeypatch.setattr(explain_module, "GRID_MAX", 1)
+    out = tmp_path / "cams"
+    code, stdout, stderr = invoke("explain", str(run), str(broken), *map(str, images), "-o", str(out))
+    assert code == 0, stderr
+    assert f"cannot read {broken}" in stderr
+    assert stderr.strip().splitlines()[-1] == f"{len(images) + 1} images, 1 could not be read (listed in the lines above)"
+    assert f"(the first 1 of {len(images)} images)" in stdout
+    assert (out / "grid.png").exists() and not (out / "broken.cam.png").exists()
+    code, _, stderr = invoke("explain", str(run), str(broken), "-o", str(tmp_path / "none"))
+    assert code == 1
+    assert stderr.strip().splitlines()[-1] == "1 images, 1 could not be read (listed in the lines above; nothing written)"

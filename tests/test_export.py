@@ -117,3 +117,12 @@ def test_a_missing_extra_is_one_line_and_usage_errors_exit_2(run, tmp_path, monk
     code, _, stderr = invoke("export", str(run), "-o", str(tmp_path / "missing" / "m.onnx"))
     assert code == 2 and "does not exist" in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_metadata_records_the_interpolation_training_used(trained):
+    from cdft_core.inference.export import export_metadata
+
+    model, classes, data_config, metadata = trained
+    for raw, used in (("lanczos", "bicubic"), ("hamming", "bicubic"), ("random", "bilinear"), ("bicubic", "bicubic")):
+        info = export_metadata(model, classes, dict(data_config, interpolation=raw), metadata)
+        assert info["interpolation"] == used and info["antialias"] is True

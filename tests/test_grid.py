@@ -16,7 +16,7 @@ from helpers_engine import REPO, engine_data, invoke
 
 from cdft_core.config import FIELD_NAMES, RunConfig, merge
 from cdft_core.errors import UsageError
-from cdft_core.experiments.grid import cell_args, cell_dir, load_grid
+from cdft_core.experiments.grid import cell_args, cell_dir, load_grid, resume_args
 from cdft_core.yaml_files import load_yaml
 
 PAPER = REPO / "configs" / "grids" / "paper.yaml"
@@ -127,6 +127,19 @@ def test_a_cells_command_spells_values_as_cdft_run_reads_them(tmp_path):
     assert args[0] == "run" and "--no-pretrained" in args and args[args.index("--lr") + 1] == "0.0001"
     assert args[args.index("--nproc-per-node") + 1] == "2" and args[args.index("--config") + 1] == preset
     assert "--rotations" not in args
+
+
+@pytest.mark.parametrize("command", ["cv", "run"])
+def test_a_started_cell_resumes_with_its_launcher_options(tmp_path, command):
+    grid = load_grid(_write(tmp_path, f"command: {command}\nbackbone: [a]\nlr: 1e-4\nnproc_per_node: 4\n"
+                                      "nnodes: 2\nrdzv_endpoint: host:29500\n"))
+    args = resume_args(grid, grid.cells[0])
+    assert args[:3] == [command, "--resume", cell_dir(grid, grid.cells[0])]
+    assert args[args.index("--nproc-per-node") + 1] == "4" and args[args.index("--nnodes") + 1] == "2"
+    assert args[args.index("--rdzv-endpoint") + 1] == "host:29500"
+    assert "--lr" not in args and "--backbone" not in args  # the rest is read back from the cell's config.yaml
+    plain = load_grid(_write(tmp_path, "backbone: [a]\n", "plain.yaml"))
+    assert resume_args(plain, plain.cells[0]) == ["cv", "--resume", cell_dir(plain, plain.cells[0])]
 
 
 @pytest.mark.parametrize(("text", "needle"), [

@@ -119,3 +119,71 @@ def test_no_readable_image_exits_1_and_usage_errors_exit_2(run, tmp_path):
     assert code == 1 and "1 images, 1 could not be read" in stdout.strip().splitlines()[-1]
     code, _, err = invoke("predict", str(run), str(tmp_path / "missing"), "-o", str(tmp_path / "o.csv"))
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_fp16_run_predicts_on_cpu_in_fp32(run, tmp_path):
+    from cdft_core.inference.inputs import collect_inputs
+    from cdft_core.inference.model_loading import inference_precision, load_trained
+    from cdft_core.inference.predict import predict_images
+
+    assert inference_precision("fp16", "cpu") == "fp32"
+    assert inference_precision("fp16", "cuda:0") == "fp16"
+    assert inference_precision(None, "cpu") == "fp32"
+    picture = tmp_path / "a.png"
+    _image(picture)
+    model, classes, data_config, metadata = load_trained(str(run), "cpu")
+    metadata = dict(metadata, cdft_config=dict(metadata.get("cdft_config") or {}, precision="fp16"))
+    table = predict_images(model, classes, data_config, collect_inputs([str(picture)]), metadata=metadata)
+    assert table.failed == 0
+
+
+def _image(path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(path)
+
+
+def test_an_existing_file_with_glob_characters_is_that_file(tmp_path):
+    from cdft_core.inference.inputs import collect_inputs
+
+    picture = tmp_path / "tile[1]*?.png"
+    _image(picture)
+    assert [i.path for i in collect_inputs([str(picture)])] == [str(picture)]
+    assert len(collect_inputs([str(tmp_path / "tile*.png")])) == 1  # a pattern still globs
+
+
+def test_an_unwritable_output_fails_before_any_compute(run, tmp_path, monkeypatch):
+    import cdft_core.inference.model_loading as loading
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_trained", refuse)
+    picture = tmp_path / "a.png"
+    _image(picture)
+    for output in (tmp_path / "missing" / "p.csv", tmp_path):
+        code, _, err = invoke("predict", str(run), str(picture), "-o", str(output), "--device", "cpu")
+        assert code == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1, err
+        code, _, err = invoke("embed", str(run), str(picture), "-o", str(output), "--device", "cpu")
+        assert code == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_stage_folders_are_parsed_defensively_and_an_incomplete_run_warns(run, tmp_path):
+    import shutil
+
+    from cdft_core.training.evaluation import find_checkpoint
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "summary.json").unlink()
+    (copy / "stage_x").mkdir()
+    (copy / "stage_x" / "best.safetensors").write_bytes(b"")
+    found = find_checkpoint(str(copy))
+    assert "stage_x" not in found and found.endswith("best.safetensors")
+    picture = tmp_path / "a.png"
+    _image(picture)
+    code, _, err = invoke("predict", str(copy), str(picture), "-o", str(tmp_path / "p.csv"), "--device", "cpu",
+                          "--num-workers", "0")
+    assert code == 0, err
+    assert sum("incomplete run" in line for line in err.splitlines()) == 1

@@ -300,6 +300,47 @@ def test_runs_that_differ_in_a_setting_are_separate_rows(tmp_path):
     assert "setting" in stdout
 
 
+def test_a_setting_only_some_runs_have_and_an_unreadable_config_are_never_averaged_together(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs / "m40a", seed=1, extra_config={"dataset_options": {"magnification": 40}})
+    fake_run(runs / "m40b", seed=2, extra_config={"dataset_options": {"magnification": 40}})
+    fake_run(runs / "plain", seed=3, extra_config={"dataset_options": {}})
+    fake_run(runs / "noconf", seed=4)
+    (runs / "noconf" / "config.yaml").unlink()
+    code, stdout, stderr = invoke("report", str(runs), "-o", str(tmp_path / "out"))
+    assert code == 0, stderr
+    rows = {r["setting"]: r["runs"] for r in read_csv(tmp_path / "out" / "results.csv")}
+    assert rows == {"dataset.magnification=40": "2", "dataset.magnification=default": "1",
+                    f"no config.yaml: {runs / 'noconf'}": "1"}
+
+
+def test_a_partial_cross_validation_is_marked_and_unselected_rotations_are_excluded(tmp_path):
+    parent = tmp_path / "cv"
+    fake_cv(parent, rotations=5, incomplete={3: "started", 4: "new"})
+    plan = json.loads((parent / "cv.json").read_text())
+    fake_run(parent / "rotation-9", seed=9)  # complete, but in no plan
+    out = tmp_path / "report"
+    code, stdout, stderr = invoke("report", str(parent), "-o", str(out))
+    assert code == 0, stderr
+    (row,) = read_csv(out / "results.csv")
+    assert row["runs"] == "3" and row["partial"] == "partial: 3/5 rotations"
+    page = "".join(parse_page(out / "report.html").text)
+    for where in (stdout, (out / "results.md").read_text(), page):
+        assert "3 (partial: 3/5 rotations)" in where
+    assert f"{parent / 'rotation-9'}: excluded: complete, but not a rotation of cv.json's plan" in stdout
+
+    plan["selected"] = [0, 1]  # rotation 2 is complete but not chosen
+    (parent / "cv.json").write_text(json.dumps(plan))
+    out2 = tmp_path / "report2"
+    code, stdout, stderr = invoke("report", str(parent), "-o", str(out2))
+    assert code == 0, stderr
+    (row,) = read_csv(out2 / "results.csv")
+    assert row["runs"] == "2" and row["partial"] == ""
+    assert "partial" not in (out2 / "results.md").read_text()
+    assert (f"{parent / 'rotation-2'}: excluded: complete, but rotation 2 is not among cv.json's selected "
+            "rotations (0, 1)") in stdout
+
+
 def test_runs_without_predictions_skip_their_roc_curve_and_say_so(tmp_path):
     fake_run(tmp_path / "runs" / "old", predictions=False)
     fake_run(tmp_path / "runs" / "binary", backbone="other", predictions=False, classes=["benign", "malignant"])

@@ -258,8 +258,11 @@ def cell_args(grid: Grid, cell: Cell) -> list[str]:
 
 
 def resume_args(grid: Grid, cell: Cell) -> list[str]:
-    """The arguments that continue a started cell."""
-    return [grid.command, "--resume", cell_dir(grid, cell)]
+    """The arguments that continue a started cell: its directory and its launcher options
+    (``--nproc-per-node``...), so a multi-GPU cell resumes on as many processes as it started on
+    (the rest of its configuration is read back from the cell's ``config.yaml``)."""
+    launch = {k: v for k, v in cell.values.items() if k in _launch_fields()}
+    return [grid.command, "--resume", cell_dir(grid, cell), *option_args(launch)]
 
 
 def cell_state(grid: Grid, cell: Cell) -> str:

@@ -40,6 +40,17 @@ from cdft_core.errors import CdftError, UsageError
 INSTALL = "cdft explain needs the explain extra: pip install 'cdft[explain]'"
 #: Images per Grad-CAM pass (one forward and one backward pass each).
 BATCH = 16
+#: At most this many overlays go in grid.png (a figure of thousands would exceed matplotlib's pixel limit).
+GRID_MAX = 64
+
+
+class Explanations(list):
+    """The :class:`Explanation` of every image explained, and ``failed``: image → reason it was skipped."""
+
+    def __init__(self, items: Sequence[Explanation] = (), failed: dict[str, str] | None = None, total: int = 0):
+        super().__init__(items)
+        self.failed: dict[str, str] = dict(failed or {})
+        self.total = total
 
 
 @dataclass
@@ -113,8 +124,11 @@ def class_index(classes: Sequence[str], name: str | None) -> int | None:
 
 
 def explain(target: str, images: Sequence[str], output_dir: str, *, class_name: str | None = None,
-            device: str = "auto", grid: bool = True) -> list[Explanation]:
-    """Write an overlay PNG per image (and ``grid.png``) to ``output_dir``; return what was explained."""
+            device: str = "auto", grid: bool = True) -> Explanations:
+    """Write an overlay PNG per image (and ``grid.png``, the first :data:`GRID_MAX`) to ``output_dir``.
+
+    An unreadable image is skipped and listed in the result's ``failed`` (the others go on).
+    """
     from cdft_core.inference.inputs import collect_inputs, read_image
     from cdft_core.inference.model_loading import load_trained
 
@@ -124,25 +138,29 @@ def explain(target: str, images: Sequence[str], output_dir: str, *, class_name: 
     wanted = class_index(classes, class_name)
     os.makedirs(output_dir, exist_ok=True)
     names = overlay_names([item.path for item in inputs])
-    results: list[Explanation] = []
+    results = Explanations(total=len(inputs))
     for start in range(0, len(inputs), BATCH):
-        chunk = inputs[start : start + BATCH]
-        pictures = []
-        for item in chunk:
+        chunk, pictures, chunk_names = [], [], []
+        for item, name in zip(inputs[start : start + BATCH], names[start : start + BATCH], strict=True):
             try:
                 pictures.append(read_image(item.path))
             except CdftError as exc:
-                raise CdftError(f"{item.path}: {exc}") from exc
+                results.failed[item.path] = str(exc)
+                continue
+            chunk.append(item)
+            chunk_names.append(name)
+        if not chunk:
+            continue
         maps, probabilities = grad_cam(model, pictures, data_config, wanted)
-        for item, picture, cam, probs, name in zip(chunk, pictures, maps, probabilities, names[start:], strict=False):
+        for item, picture, cam, probs, name in zip(chunk, pictures, maps, probabilities, chunk_names, strict=True):
             explained = wanted if wanted is not None else int(np.argmax(probs))
             top = int(np.argmax(probs))
             path = os.path.join(output_dir, name)
             write_overlay(picture, cam, path)
             results.append(Explanation(item.path, path, classes[explained], float(probs[explained]), classes[top],
                                        float(probs[top]), (int(picture.shape[1]), int(picture.shape[2]))))
-    if grid:
-        write_grid(results, os.path.join(output_dir, "grid.png"))
+    if grid and results:
+        write_grid(results[:GRID_MAX], os.path.join(output_dir, "grid.png"))
     return results
 
 

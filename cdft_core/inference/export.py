@@ -86,8 +86,10 @@ def export_metadata(model: torch.nn.Module, classes: list[str], data_config: dic
                     metadata: dict[str, Any]) -> dict[str, Any]:
     """The preprocessing and labels a consumer needs, as JSON-safe values (also the sidecar's content)."""
     from cdft_core import __version__
+    from cdft_core.data.transforms import ResizeSpec
 
     spec = getattr(model, "spec", {}) or {}
+    resize = ResizeSpec.from_data_config(data_config)  # the mode training actually used (after fallbacks)
     channels, height, width = (int(v) for v in data_config["input_size"])
     return {
         "format": METADATA_FORMAT,
@@ -96,7 +98,8 @@ def export_metadata(model: torch.nn.Module, classes: list[str], data_config: dic
         "input_layout": f"float32 Bx{channels}x{height}x{width}, RGB scaled to 0..1, then (x - mean) / std",
         "output_note": "raw logits; softmax over the last axis gives class probabilities",
         "input_size": [channels, height, width],
-        "interpolation": str(data_config.get("interpolation", "bilinear")),
+        "interpolation": resize.interpolation,
+        "antialias": bool(resize.antialias),
         "mean": [float(v) for v in data_config["mean"]],
         "std": [float(v) for v in data_config["std"]],
         "classes": [str(c) for c in classes],

@@ -7,7 +7,9 @@ fsspec so that local paths, ``s3://``, ``memory://`` and ``zip://`` all behave a
 - an image file (any extension: the user named it);
 - a folder: every image under it (:data:`~cdft_core.data.root.IMAGE_EXTENSIONS`,
   recursively, sorted), through :class:`~cdft_core.data.root.DataRoot` (links followed);
-- a glob pattern (``*``, ``?``, ``[``; ``**`` recurses), local or behind a URL;
+- a glob pattern (``*``, ``?``, ``[``; ``**`` recurses), local or behind a URL; an
+  argument that exists is taken as that file or folder first, so names holding these
+  characters work;
 - a ``.csv`` file with an ``image_path`` column: paths relative to the CSV's folder (or
   absolute); the row's other columns travel with the image (``--group-by column:NAME``).
 
@@ -58,23 +60,22 @@ def collect_inputs(arguments: Sequence[str]) -> list[InputImage]:
 
 
 def _expand(argument: str) -> Iterable[InputImage]:
-    if argument.lower().endswith(".csv") and not any(c in argument for c in _GLOB):
-        return _from_csv(argument)
     fs, path = open_url(argument, "INPUT")
-    is_url = "://" in argument
-    if any(c in argument for c in _GLOB):
-        if is_url:
+    try:  # an existing path is that file or folder, even when its name holds * ? or [
+        is_dir = fs.isdir(path)
+        exists = is_dir or fs.exists(path)
+    except OSError as exc:
+        raise CdftError(f"cannot read INPUT {one_line(argument, 120)!r}: {one_line(exc)}") from exc
+    if argument.lower().endswith(".csv") and (exists or not any(c in argument for c in _GLOB)) and not is_dir:
+        return _from_csv(argument)
+    if not exists and any(c in argument for c in _GLOB):
+        if "://" in argument:
             files = [fs.unstrip_protocol(m) for m in sorted(fs.glob(path)) if not fs.isdir(m)]
         else:  # Python's glob keeps the user's spelling (relative stays relative)
             files = [m for m in sorted(glob.glob(argument, recursive=True)) if not os.path.isdir(m)]
         if not files:
             raise UsageError(f"INPUT pattern {one_line(argument, 120)!r} matches no files")
         return [InputImage(m) for m in files]
-    try:
-        is_dir = fs.isdir(path)
-        exists = is_dir or fs.exists(path)
-    except OSError as exc:
-        raise CdftError(f"cannot read INPUT {one_line(argument, 120)!r}: {one_line(exc)}") from exc
     if not exists:
         raise UsageError(f"INPUT {one_line(argument, 120)!r} does not exist; pass image files, folders, "
                          f"glob patterns or a CSV with an image_path column")
@@ -143,3 +144,15 @@ def read_image(path: str) -> Any:
     except (OSError, ValueError) as exc:
         raise CdftError(f"cannot read the file ({one_line(exc)})") from exc
     return decode_image(data, path)
+
+
+def check_output(output: str, what: str = "output") -> None:
+    """A usage error now (before any model is loaded) when local ``output`` cannot be written:
+    its folder does not exist, or it is itself a folder. URLs are checked when written."""
+    if "://" in output:
+        return
+    folder = os.path.dirname(os.path.abspath(output))
+    if os.path.isdir(output):
+        raise UsageError(f"cannot write {what} {one_line(output, 120)!r}: it is a folder; name a file")
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot write {what} {one_line(output, 120)!r}: folder {one_line(folder, 120)!r} does not exist")

@@ -42,6 +42,35 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], c
     return model
 
 
+def inference_precision(saved: Any, device: str) -> str:
+    """The precision to run a saved model at on ``device`` (``cuda``, ``cuda:1``, ``cpu``...).
+
+    The run's own precision (``auto`` when unset), except that ``fp16`` off CUDA falls back
+    to ``fp32``: training needed fp16's grad scaler (hence CUDA), inference has none.
+    """
+    from cdft_core.config import resolve_precision
+
+    kind = str(device).split(":", 1)[0]
+    requested = str(saved or "auto")
+    if requested == "fp16" and kind != "cuda":
+        requested = "fp32"
+    return resolve_precision(requested, kind)
+
+
+def incomplete_run_warning(target: str) -> str | None:
+    """One warning line when ``target`` is a run directory without ``summary.json`` (an incomplete run)."""
+    from cdft_core.training.rundir import RunDir
+
+    rundir = RunDir(target)
+    try:
+        if rundir.fs.isdir(rundir.path) and not rundir.exists("summary.json"):
+            return (f"warning: {target!r} is an incomplete run (no summary.json); "
+                    f"using its latest stage's best checkpoint")
+    except OSError:
+        return None
+    return None
+
+
 def load_trained(target: str, device: str = "auto") -> tuple[torch.nn.Module, list[str], dict[str, Any], dict[str, Any]]:
     """``(model, classes, data_config, metadata)`` of a RUN_DIR (its final best checkpoint) or a checkpoint.
 
@@ -53,6 +82,11 @@ def load_trained(target: str, device: str = "auto") -> tuple[torch.nn.Module, li
     from cdft_core.training.evaluation import find_checkpoint
 
     checkpoint = find_checkpoint(target)
+    warning = incomplete_run_warning(target)
+    if warning:
+        import click
+
+        click.echo(warning, err=True)
     model, meta = load_checkpoint_model(checkpoint, resolve_device(device))
     classes = meta.get("cdft_classes")
     if not classes:

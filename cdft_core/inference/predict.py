@@ -68,15 +68,15 @@ def predict_images(model: torch.nn.Module, classes: Sequence[str], data_config: 
                    batch_size: int | None = None, num_workers: int | str = 0, tta: str = "none",
                    group_by: str | None = None) -> PredictionTable:
     """Predict every image (``model`` as :func:`load_trained` returns it); see the module docstring."""
-    from cdft_core.config import resolve_precision
     from cdft_core.inference.batches import map_images
+    from cdft_core.inference.model_loading import inference_precision
 
     if tta not in TTA_FLIPS:
         raise UsageError(f"--tta {tta!r} is not one of {', '.join(TTA_FLIPS)}")
     groups = group_of(images, group_by) if group_by else None
     config = (metadata or {}).get("cdft_config") or {}
     device = next(model.parameters()).device
-    precision = resolve_precision(str(config.get("precision") or "auto"), device.type)
+    precision = inference_precision(config.get("precision"), device.type)
     size = batch_size or int(config.get("eval_batch_size") or 2 * int(config.get("batch_size") or 32))
     model.eval()
     outputs, failed = map_images(images, data_config, lambda x: tta_probabilities(model, x, tta), device=device,

@@ -9,13 +9,16 @@ report lists it instead of averaging a partial result in or dropping it without 
 
 A cross-validation parent (``cv.json``) contributes the rotations its plan chose; each is
 read as a run of its own, so a parent with some rotations done reports those (with their
-n) and lists the others. A directory is read once however it is reached (a rotation named
-directly and through its parent, a grid and one of its cells), and report directories
+n, marked partial) and lists the others; a complete rotation folder the plan did not
+select is listed as excluded, never averaged in. A directory is read once however it is
+reached (a rotation named directly and through its parent, a grid and one of its cells),
+and report directories
 (marked by :data:`REPORT_MARKER`) are never searched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -42,6 +45,16 @@ class Run:
     summary: Mapping[str, Any]
     parent: str | None = None
     rotation: int | None = None
+    #: why the configuration could not be read (None when it was): such a run is never grouped with others
+    config_problem: str | None = None
+    #: a cv rotation: how many rotations its parent chose, and how many of those are complete
+    cv_chosen: int | None = None
+    cv_complete: int | None = None
+
+    @property
+    def partial(self) -> bool:
+        """A rotation of a cross-validation of which only some chosen rotations are complete."""
+        return self.cv_chosen is not None and (self.cv_complete or 0) < self.cv_chosen
 
     @property
     def dataset(self) -> str:
@@ -178,7 +191,8 @@ def read_run(path: str, parent: str | None = None, rotation: int | None = None) 
     missing = [split for split in ("test", "val") if not isinstance(summary.get(split), dict)]
     if missing:
         return Incomplete(path, f"summary.json has no {' or '.join(missing)} metrics", parent)
-    return Run(path=path, config=_read_config(path), summary=summary, parent=parent, rotation=rotation)
+    config, problem = _read_config(path)
+    return Run(path=path, config=config, summary=summary, parent=parent, rotation=rotation, config_problem=problem)
 
 
 def _read_cv(path: str) -> tuple[CvParent, list[Run | Incomplete]]:
@@ -186,7 +200,9 @@ def _read_cv(path: str) -> tuple[CvParent, list[Run | Incomplete]]:
     try:
         with open(os.path.join(path, "cv.json"), encoding="utf-8") as handle:
             plan = json.load(handle)
-        rotations = [r for r in plan["rotations"] if r["rotation"] in plan.get("selected", [r["rotation"]])]
+        selected = plan.get("selected")
+        rotations = [r for r in plan["rotations"] if selected is None or r["rotation"] in selected]
+        others = [r for r in plan["rotations"] if r not in rotations]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return CvParent(path, 0, 0, False), [Incomplete(path, f"cv.json cannot be read ({one_line(exc, 120)})")]
     children: list[Run | Incomplete] = []
@@ -197,22 +213,55 @@ def _read_cv(path: str) -> tuple[CvParent, list[Run | Incomplete]]:
         else:
             children.append(Incomplete(child, "not started", path))
     complete = sum(isinstance(c, Run) for c in children)
+    children = [dataclasses.replace(c, cv_chosen=len(rotations), cv_complete=complete) if isinstance(c, Run) else c
+                for c in children]
+    children += _excluded(path, children, others, selected)
     summarised = os.path.isfile(os.path.join(path, CV_SUMMARY))
     return CvParent(path, len(rotations), complete, summarised), children
 
 
-def _read_config(path: str) -> dict[str, Any]:
-    """The run's ``config.yaml`` (safe, bounded YAML); empty when it is missing or unreadable —
-    the summary alone still names the dataset, backbone and strategy."""
+def _excluded(path: str, chosen: list[Run | Incomplete], others: list[Mapping[str, Any]],
+              selected: Any) -> list[Incomplete]:
+    """Complete runs inside a cv parent that its plan did not choose (a rotation left out of
+    ``selected``, a folder not in the plan): listed with why, never averaged in."""
+    taken = {os.path.realpath(c.path) for c in chosen}
+    named = {str(r.get("run_dir") or f"rotation-{r['rotation']}"): r["rotation"] for r in others}
+    out: list[Incomplete] = []
+    try:
+        folders = sorted(os.listdir(path))
+    except OSError:
+        return out
+    for folder in folders:
+        child = os.path.join(path, folder)
+        if os.path.realpath(child) in taken or not os.path.isfile(os.path.join(child, "summary.json")):
+            continue
+        if not isinstance(read_run(child, parent=path), Run):
+            continue
+        if folder in named:
+            why = (f"excluded: complete, but rotation {named[folder]} is not among cv.json's selected rotations "
+                   f"({', '.join(str(s) for s in selected or [])})")
+        else:
+            why = "excluded: complete, but not a rotation of cv.json's plan"
+        out.append(Incomplete(child, why, path))
+    return out
+
+
+def _read_config(path: str) -> tuple[dict[str, Any], str | None]:
+    """The run's ``config.yaml`` (safe, bounded YAML) and None; empty and the reason when it is
+    missing or unreadable — the summary alone still names the dataset, backbone and strategy, but
+    nothing says how the run was set up, so it is not grouped with other runs."""
     from cdft_core.yaml_files import load_yaml
 
     config_path = os.path.join(path, "config.yaml")
     if not os.path.isfile(config_path):
-        return {}
+        return {}, "no config.yaml"
     try:
-        return load_yaml(config_path)
-    except CdftError:
-        return {}
+        config = load_yaml(config_path)
+    except CdftError as exc:
+        return {}, f"config.yaml cannot be read ({one_line(exc, 120)})"
+    if not isinstance(config, dict):
+        return {}, "config.yaml is not a mapping"
+    return config, None
 
 
 def read_metric_lines(path: str) -> list[dict[str, Any]]:

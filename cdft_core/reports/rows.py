@@ -8,6 +8,12 @@ what is measured (learning rate, epochs, dataset options such as the magnificati
 protocol...) would be averaged into a number nobody ran, so they are split into rows
 named by what differs (``lr=0.001``). Paths, workers, logging, caches and the device do
 not change the measurement and are ignored; folds and seed are what tells samples apart.
+A key that only some runs set counts as a value of its own (``default``: the run left it
+to the default), and a run whose ``config.yaml`` cannot be read gets a row of its own —
+nothing says it was run the same way as the others.
+
+A row holding the rotations of a cross-validation of which only some chosen rotations are
+complete is *partial*: still reported, but marked (``partial: 3/5 rotations``).
 """
 
 from __future__ import annotations
@@ -75,6 +81,13 @@ class Row:
     def n(self) -> int:
         return len(self.samples)
 
+    @property
+    def partial(self) -> str:
+        """``partial: 3/5 rotations`` when some of the row's runs are rotations of an unfinished
+        cross-validation (one figure per such parent), else ``""``."""
+        counts = {s.run.parent: f"{s.run.cv_complete}/{s.run.cv_chosen}" for s in self.samples if s.run.partial}
+        return f"partial: {', '.join(counts[p] for p in sorted(counts))} rotations" if counts else ""
+
     def values(self, metric: str) -> list[float]:
         """The metric over the samples that have it (a run without it is not counted in its n)."""
         return [s.values[metric] for s in self.samples if metric in s.values]
@@ -117,12 +130,24 @@ def sample(run: Run, split: str) -> Sample:
     return Sample(run, values, predictions)
 
 
+_DEFAULT = object()  # a key the run's configuration does not set
+
+
 def _settings(runs: Sequence[Run]) -> dict[str, str]:
-    """Each run's setting: the configuration values that differ among ``runs`` (``""`` when none do)."""
-    flat = {run.path: _flatten(run) for run in runs}
-    shared = set.intersection(*(set(f) for f in flat.values()))
-    varying = sorted(k for k in shared if len({json.dumps(f[k], sort_keys=True) for f in flat.values()}) > 1)
-    return {path: ", ".join(f"{_shown_key(k)}={_shown(f[k])}" for k in varying) for path, f in flat.items()}
+    """Each run's setting: the configuration values that differ among ``runs`` (``""`` when none
+    do). Every key any run sets counts; a run lacking it shows ``default``. A run without a
+    readable configuration is set apart by what went wrong and its path."""
+    out = {run.path: f"{run.config_problem}: {run.path}" for run in runs if run.config_problem}
+    flat = {run.path: _flatten(run) for run in runs if not run.config_problem}
+    keys = set().union(*(set(f) for f in flat.values()))
+
+    def value(f: Mapping[str, Any], key: str) -> str:
+        return "\0default" if key not in f else json.dumps(f[key], sort_keys=True, default=str)
+
+    varying = sorted(k for k in keys if len({value(f, k) for f in flat.values()}) > 1)
+    out.update({path: ", ".join(f"{_shown_key(k)}={_shown(f.get(k, _DEFAULT))}" for k in varying)
+                for path, f in flat.items()})
+    return out
 
 
 def _flatten(run: Run) -> dict[str, Any]:
@@ -146,6 +171,8 @@ def _shown_key(key: str) -> str:
 
 
 def _shown(value: Any) -> str:
+    if value is _DEFAULT:
+        return "default"
     return "none" if value is None else str(value)
 
 

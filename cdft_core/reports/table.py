@@ -4,7 +4,8 @@ deviation over the row's runs with their n — as Markdown, CSV, LaTeX and print
 Why the statistics come from :func:`cdft_core.experiments.cv_summary.describe`: a row of a
 complete cross-validation must show exactly the numbers of its ``cv_summary.json`` (the
 sample standard deviation, Student's 95 % interval), so both are computed by one function.
-A row's ``n`` is its number of runs; a metric that some runs lack (a ROC-AUC without
+A row's ``n`` is its number of runs (marked ``(partial: 3/5 rotations)``, and in the CSV's
+``partial`` column, when it holds rotations of an unfinished cross-validation); a metric that some runs lack (a ROC-AUC without
 predictions, patient figures of a dataset without patients) shows its own smaller n.
 """
 
@@ -52,7 +53,8 @@ def cells(rows: Sequence[Row], table: Sequence[Mapping[str, Any]]) -> tuple[list
                *(LABELS[m] for m in metrics)]
     body = []
     for row, stats in zip(rows, table, strict=True):
-        body.append([row.dataset, row.backbone, row.strategy, *([row.setting] if settings else []), str(row.n),
+        body.append([row.dataset, row.backbone, row.strategy, *([row.setting] if settings else []),
+                     f"{row.n} ({row.partial})" if row.partial else str(row.n),
                      *(cell(stats.get(m), row.n) for m in metrics)])
     return headers, body
 
@@ -89,7 +91,7 @@ def csv_text(rows: Sequence[Row], table: Sequence[Mapping[str, Any]], split: str
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     names = metric_names()
-    writer.writerow(["dataset", "backbone", "strategy", "setting", "split", "runs",
+    writer.writerow(["dataset", "backbone", "strategy", "setting", "split", "runs", "partial",
                      *(f"{m}_{part}" for m in names for part in ("n", "mean", "std", "ci95_low", "ci95_high"))])
     for row, stats in zip(rows, table, strict=True):
         values: list[Any] = []
@@ -100,7 +102,7 @@ def csv_text(rows: Sequence[Row], table: Sequence[Mapping[str, Any]], split: str
                 continue
             ci = s["ci95"] or ["", ""]
             values += [s["n"], repr(s["mean"]), "" if s["std"] is None else repr(s["std"]), *map(str, ci)]
-        writer.writerow([row.dataset, row.backbone, row.strategy, row.setting, split, row.n, *values])
+        writer.writerow([row.dataset, row.backbone, row.strategy, row.setting, split, row.n, row.partial, *values])
     return out.getvalue()
 
 

@@ -136,11 +136,20 @@ def find_checkpoint(target: str) -> str:
         return target
     if rundir.exists("summary.json"):
         return rundir.join(json.loads(rundir.read_text("summary.json"))["checkpoint"])
-    stages = [name for name in rundir.listdir() if name.startswith("stage") and rundir.exists(f"{name}/best.safetensors")]
+    numbered = [(_stage_number(name), name) for name in rundir.listdir()]
+    stages = [(n, name) for n, name in numbered if n is not None and rundir.exists(f"{name}/best.safetensors")]
     if not stages:
         raise UsageError(f"{target!r} holds no checkpoint yet (no stage*/best.safetensors)")
-    latest = max(stages, key=lambda name: int(name[len("stage"):].split("-", 1)[0]))
+    latest = max(stages)[1]
     return rundir.join(f"{latest}/best.safetensors")
+
+
+def _stage_number(name: str) -> int | None:
+    """N of a stage folder ``stageN`` or ``stageN-...``; ``None`` for any other name (``stage_x``...)."""
+    import re
+
+    match = re.fullmatch(r"stage(\d+)(?:-.*)?", name.rstrip("/").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
 
 
 def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | None = None,
@@ -151,12 +160,12 @@ def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | N
     The checkpoint carries the model spec (rebuilt without downloading anything), the
     run's configuration and the class names.
     """
-    from cdft_core.config import RunConfig, merge, resolve_device, resolve_precision
+    from cdft_core.config import RunConfig, merge, resolve_device
     from cdft_core.data.image_cache import cache_for_tables
     from cdft_core.data.images import ImageDataset
     from cdft_core.data.splits import load_splits
     from cdft_core.data.transforms import eval_transform
-    from cdft_core.inference.model_loading import model_from_tensors
+    from cdft_core.inference.model_loading import inference_precision, model_from_tensors
     from cdft_core.training.checkpoint import read_model
 
     checkpoint = find_checkpoint(target)
@@ -184,7 +193,7 @@ def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | N
                              cache_dir=config.cache_dir, build=False) if config.cache else None
     dataset = ImageDataset(splits.root, table, eval_transform(model.data_config), cache)
     outputs = predict(model, dataset, classes, dist_info, batch_size or eval_batch_size(config), num_workers,
-                      resolve_precision(config.precision, torch_device), description=f"evaluating {split}")
+                      inference_precision(config.precision, torch_device), description=f"evaluating {split}")
     result = metrics_of(outputs, classes, splits.groups(split))
     return CheckpointEvaluation(checkpoint, split, meta, classes, result, cache.directory if cache else None, outputs)
 
