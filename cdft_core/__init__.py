@@ -37,6 +37,7 @@ from cdft_core.data.tables import read_split_file
 from cdft_core.errors import CdftError, Interrupted, PluginError, PluginUnavailable, UsageError
 from cdft_core.functional.pytree import FROZEN
 from cdft_core.hookspecs import hookimpl
+from cdft_core.models.foundation_table import FOUNDATION_MODELS, foundation_data_config
 from cdft_core.registry import Component, Lazy, get_registry, load_registry
 from cdft_core.strategy import TRAINABLE, Stage, Strategy, parse_option, strategy_metadata, train_all, train_only
 from cdft_core.text import one_line, parse_bool
@@ -57,6 +58,7 @@ _LAZY: dict[str, str] = {
     "timm_family": "cdft_core.models.backbone",
     "hub_filenames": "cdft_core.models.backbone",
     "load_backbone_weights": "cdft_core.models.backbone",
+    "build_foundation_backbone": "cdft_core.models.foundation",
     # weights: local files and the Hugging Face cache
     "read_state_dict": "cdft_core.models.weights",
     "resolve_hub_file": "cdft_core.models.weights",
@@ -77,6 +79,7 @@ __all__ = [
     "DataRoot",
     "Dataset",
     "DatasetOption",
+    "FOUNDATION_MODELS",
     "FROZEN",
     "FoldProtocol",
     "IMAGE_EXTENSIONS",
@@ -95,6 +98,7 @@ __all__ = [
     "__version__",
     "class_names_from_table",
     "dataset_metadata",
+    "foundation_data_config",
     "get_registry",
     "hookimpl",
     "load_registry",
@@ -118,6 +122,7 @@ __all__ = [
     "timm_family",
     "hub_filenames",
     "load_backbone_weights",
+    "build_foundation_backbone",
     "read_state_dict",
     "resolve_hub_file",
     "load_state_dict_checked",

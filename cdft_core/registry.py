@@ -49,6 +49,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "imagefolder": "cdft_plugins.imagefolder",
     "timm": "cdft_plugins.timm_backbones",
     "open_clip": "cdft_plugins.open_clip_backbones",
+    "foundation": "cdft_plugins.foundation_backbones",
     "adapters": "cdft_plugins.adapters",
     "strategies": "cdft_plugins.strategies",
 }

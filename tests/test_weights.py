@@ -105,9 +105,40 @@ def test_pretrained_classifier_is_dropped_other_extra_keys_are_reported(tmp_path
     assert sorted(bb.load_report.ignored) == ["head.bias", "head.weight"]
 
     save_file(dict(state, extra_projection=torch.zeros(3)), str(path))
-    with pytest.warns(UserWarning, match="1 tensor.*not used.*extra_projection"):
-        bb = build("test_vit", weights=str(path))
-    assert bb.load_report.unexpected == ["extra_projection"]
+    with pytest.raises(CdftError, match=r"1 tensor\(s\) that backbone 'test_vit\.r160_in1k' does not have: extra_projection"):
+        build("test_vit", weights=str(path))
+
+
+def test_layer_scale_tensors_the_model_lacks_are_refused_naming_init_values(tmp_path):
+    """UNI's file into a ViT built without layer scale: once a warning and a silently weaker model."""
+    state = reference_state()
+    extra = {f"blocks.{i}.{ls}.gamma": torch.ones(64) for i in range(2) for ls in ("ls1", "ls2")}
+    path = tmp_path / "uni_like.safetensors"
+    save_file(dict(state, **extra), str(path))
+    with pytest.raises(CdftError) as info:
+        build("test_vit", weights=str(path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "4 tensor(s)" in message and "blocks.0.ls1.gamma" in message and "(1 more)" in message
+    assert "init_values (layer scale" in message
+
+
+def test_register_and_gated_mlp_tensors_name_their_creation_arguments(tmp_path):
+    state = reference_state()
+    path = tmp_path / "reg.safetensors"
+    save_file(dict(state, reg_token=torch.zeros(1, 4, 64), **{"blocks.0.mlp.fc1_g.weight": torch.zeros(8, 64)}), str(path))
+    with pytest.raises(CdftError) as info:
+        build("test_vit", weights=str(path))
+    assert "reg_tokens (register tokens" in str(info.value) and "mlp_layer=SwiGLU" in str(info.value)
+
+
+def test_missing_backbone_tensors_are_refused(tmp_path):
+    state = reference_state()
+    del state["blocks.0.attn.qkv.weight"], state["norm.weight"]
+    path = tmp_path / "partial.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CdftError, match=r"miss 2 of \d+ tensors of backbone 'test_vit\.r160_in1k'.*blocks\.0\.attn\.qkv\.weight"):
+        build("test_vit", weights=str(path))
 
 
 def test_open_clip_layout_is_converted_for_a_convnext_trunk(tmp_path):

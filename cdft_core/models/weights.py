@@ -13,8 +13,9 @@ Many hospital clusters (and our CI) cannot reach the hub. The rules are:
 The environment (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``) is
 read on every call, not when a library is imported, so a test or a launcher that sets it
 late is still obeyed. Loading a state dict into a module goes through
-:func:`load_state_dict_checked`, which turns shape mismatches and missing keys into one
-clear :class:`~cdft_core.errors.CdftError` line.
+:func:`load_state_dict_checked`, which turns shape mismatches, missing keys and keys the
+model lacks (other than a pretrained classifier) into one clear
+:class:`~cdft_core.errors.CdftError` line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,7 +234,9 @@ def load_state_dict_checked(
     - a shape mismatch means the file belongs to another architecture: error;
     - missing keys would leave part of the backbone random: error (except ``allow_missing``);
     - keys for which ``ignore(key)`` holds (the pretrained classifier) are dropped silently;
-    - other unexpected keys are reported as a warning and in the returned report.
+    - any other key the module lacks means the file was made for a model built with other
+      creation arguments (UNI's ``blocks.N.ls1.gamma`` in a ViT built without layer scale):
+      error, naming the keys and, where known, the missing argument (:func:`creation_hint`).
     """
     own = module.state_dict()
     report = LoadReport(source=source, loaded=0)
@@ -253,20 +255,52 @@ def load_state_dict_checked(
             f"{_few(mismatched, 2)}; the file is for another architecture — pick the matching backbone name"
         )
     report.missing = [k for k in own if k not in kept and not allow_missing(k)]
-    if report.missing:
-        hint = f"; the file has unexpected keys such as {_few(report.unexpected, 2)}" if report.unexpected else ""
+    if len(report.missing) * 2 > len(own):  # most of the model absent: a file for another architecture
         raise CdftError(
             f"weights {source} miss {len(report.missing)} of {len(own)} tensors of backbone {model!r}, e.g. "
-            f"{_few(report.missing)}{hint}; use the file made for this architecture"
+            f"{_few(report.missing)}; the file is for another architecture — pick the matching backbone name"
+        )
+    if report.unexpected:
+        missing = f" and misses {len(report.missing)} ({_few(report.missing, 2)})" if report.missing else ""
+        raise CdftError(
+            f"weights {source} hold {len(report.unexpected)} tensor(s) that backbone {model!r} does not have: "
+            f"{_few(report.unexpected)}{missing}; {creation_hint(report.unexpected + report.missing)}"
+        )
+    if report.missing:
+        raise CdftError(
+            f"weights {source} miss {len(report.missing)} of {len(own)} tensors of backbone {model!r}, e.g. "
+            f"{_few(report.missing)}; {creation_hint(report.missing)}"
         )
     module.load_state_dict(kept, strict=False)
     report.loaded = len(kept)
-    if report.unexpected:
-        warnings.warn(
-            f"weights {source}: {len(report.unexpected)} tensor(s) not used by backbone {model!r}: {_few(report.unexpected)}",
-            stacklevel=2,
-        )
     return report
+
+
+#: Key fragments a timm ViT has only when built with a creation argument.
+CREATION_HINTS: tuple[tuple[str, str], ...] = (
+    (".ls1.gamma", "init_values (layer scale, e.g. init_values=1e-5)"),
+    (".ls2.gamma", "init_values (layer scale, e.g. init_values=1e-5)"),
+    ("reg_token", "reg_tokens (register tokens, e.g. reg_tokens=4)"),
+    (".mlp.fc1_g", "mlp_layer=SwiGLU with act_layer=SiLU (a gated MLP)"),
+    (".mlp.fc1_x", "mlp_layer=SwiGLU with act_layer=SiLU (a gated MLP)"),
+    (".mlp.norm", "mlp_layer=SwiGLU (a normed gated MLP)"),
+    ("cls_token", "class_token=True"),
+    ("pos_embed", "pos_embed / no_embed_class (position embedding layout)"),
+    (".attn.q_norm", "qk_norm=True"),
+    ("fc_norm", "global_pool='avg' / fc_norm"),
+)
+
+
+def creation_hint(keys: Iterable[str]) -> str:
+    """Which creation argument the model was likely built without (or with), from the odd keys."""
+    found: list[str] = []
+    for key in keys:
+        for fragment, argument in CREATION_HINTS:
+            if fragment in key and argument not in found:
+                found.append(argument)
+    if found:
+        return f"the file's model was built with other creation arguments — check {'; '.join(found)}"
+    return "use the file made for this architecture (same backbone name and creation arguments)"
 
 
 def _few(items: list[str], n: int = 3) -> str:
