@@ -39,7 +39,16 @@ from cdft_core.functional.pytree import FROZEN
 from cdft_core.hookspecs import hookimpl
 from cdft_core.models.foundation_table import FOUNDATION_MODELS, foundation_data_config
 from cdft_core.registry import Component, Lazy, get_registry, load_registry
-from cdft_core.strategy import TRAINABLE, Stage, Strategy, parse_option, strategy_metadata, train_all, train_only
+from cdft_core.strategy import (
+    TRAINABLE,
+    Stage,
+    Strategy,
+    parse_option,
+    parse_stage_epochs,
+    strategy_metadata,
+    train_all,
+    train_only,
+)
 from cdft_core.text import one_line, parse_bool
 
 try:
@@ -67,6 +76,11 @@ _LAZY: dict[str, str] = {
     # adapters
     "PooledAdapter": "cdft_core.models.adapters",
     "Cdtm": "cdft_core.models.adapters",
+    # LoRA (peft), for strategies that change the model (docs/strategies.md#lora)
+    "inject_lora": "cdft_core.models.lora",
+    "merge_lora": "cdft_core.models.lora",
+    "lora_targets": "cdft_core.models.lora",
+    "is_lora_parameter": "cdft_core.models.lora",
     # images
     "decode_image": "cdft_core.data.images",
 }
@@ -105,6 +119,7 @@ __all__ = [
     "one_line",
     "parse_bool",
     "parse_option",
+    "parse_stage_epochs",
     "read_split_file",
     "split_names",
     "split_table",
@@ -129,6 +144,10 @@ __all__ = [
     "LoadReport",
     "PooledAdapter",
     "Cdtm",
+    "inject_lora",
+    "merge_lora",
+    "lora_targets",
+    "is_lora_parameter",
     "decode_image",
 ]
 

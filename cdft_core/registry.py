@@ -52,6 +52,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "foundation": "cdft_plugins.foundation_backbones",
     "adapters": "cdft_plugins.adapters",
     "strategies": "cdft_plugins.strategies",
+    "lora": "cdft_plugins.lora_strategies",
 }
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-/ ]*$")

@@ -113,18 +113,34 @@ class Stage:
         return {name: labels[name] for name in params}
 
 
+#: ``change(model) -> None``: changes a freshly built model in place (e.g. adds LoRA layers).
+ModelChange = Callable[["CdftModel"], Any]
+
+
 @dataclass(frozen=True)
 class Strategy:
     """A named, ordered tuple of stages plus the adapter used when none is asked for.
 
     ``requires_adapter``: the stages train the adapter, so an adapter without parameters
     (``none``) makes no sense with this strategy (e.g. ``frt``).
+
+    ``change_model``: the one step that runs *before labelling*, for strategies that add
+    to the model rather than only choose what trains (LoRA, visual prompt tuning...). It is
+    called once on the freshly built model — before any stage labels it, before a resume
+    state or a checkpoint's tensors are loaded, and again whenever a checkpoint is rebuilt
+    from its spec (``cdft eval``, ``predict``, ``export``...), so it must be deterministic
+    given torch's RNG and give its new parameters stable names. The stages then label the
+    new parameters like any other. ``merge_model`` (optional) folds the change back into
+    plain layers; ``cdft export`` calls it. See :mod:`cdft_core.models.model_change` and
+    docs/strategies.md.
     """
 
     name: str
     stages: tuple[Stage, ...]
     default_adapter: str
     requires_adapter: bool = False
+    change_model: ModelChange | None = None
+    merge_model: ModelChange | None = None
 
     def __post_init__(self) -> None:
         stages = tuple(self.stages)
@@ -358,6 +374,21 @@ def parse_option(name: str, value: Any, kind: type = float, *, minimum: float | 
     return parsed
 
 
+def parse_stage_epochs(value: Any) -> tuple[int | None, int | None]:
+    """A two-stage strategy's ``stage_epochs`` option: one count for both stages or ``E1,E2``
+    (None: the run's epoch count for each)."""
+    if value is None:
+        return None, None
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else (
+        list(value) if isinstance(value, (list, tuple)) else [value])
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise UsageError(f"strategy option stage_epochs={value!r}: give one count for both stages or two, e.g. 10,5")
+    first, second = (parse_option("stage_epochs", p, int, minimum=1) for p in parts)
+    return first, second
+
+
 def _adapter_name(model: Any) -> str:
     spec = getattr(model, "spec", None)
     if isinstance(spec, Mapping) and isinstance(spec.get("adapter"), str):
@@ -384,6 +415,7 @@ __all__ = [
     "labels_for",
     "param_groups",
     "parse_option",
+    "parse_stage_epochs",
     "strategy_metadata",
     "train_all",
     "train_only",

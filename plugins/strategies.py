@@ -16,6 +16,7 @@ from cdft_core import (
     UsageError,
     hookimpl,
     parse_option,
+    parse_stage_epochs,
     strategy_metadata,
     train_all,
     train_only,
@@ -47,7 +48,7 @@ def staged(stage_epochs: Any = None, lr_factor: Any = 0.1) -> Strategy:
     is one count for both stages or ``E1,E2``; by default each stage runs the run's epoch
     count, as the paper did (warm-up restarts with each stage).
     """
-    first, second = _stage_epochs(stage_epochs)
+    first, second = parse_stage_epochs(stage_epochs)
     factor = parse_option("lr_factor", lr_factor, float)
     if not factor > 0:
         raise UsageError(f"strategy option lr_factor={lr_factor!r} must be > 0")
@@ -64,18 +65,6 @@ def staged(stage_epochs: Any = None, lr_factor: Any = 0.1) -> Strategy:
 
 def _frt_stage(epochs: int | None = None) -> Stage:
     return Stage("frt", train_only("adapter", "head"), _PLAIN, epochs=epochs)
-
-
-def _stage_epochs(value: Any) -> tuple[int | None, int | None]:
-    if value is None:
-        return None, None
-    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2:
-        raise UsageError(f"strategy option stage_epochs={value!r}: give one count for both stages or two, e.g. 10,5")
-    first, second = (parse_option("stage_epochs", p, int, minimum=1) for p in parts)
-    return first, second
 
 
 @hookimpl

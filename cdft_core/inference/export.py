@@ -123,7 +123,12 @@ def export_run(target: str, output: str, fmt: str | None = None, *, tolerance: f
         raise UsageError(f"cannot write {output!r}: it is a folder; name a file")
     model, classes, data_config, metadata = load_trained(target, device="cpu")
     model = model.float().eval()
+    from cdft_core.models.model_change import merge_change
+
+    merged = merge_change(model)  # LoRA: W + scale·B·A in plain layers, no peft needed to run the file
     info = export_metadata(model, classes, data_config, metadata)
+    if merged:
+        info["merged"] = model.spec["strategy"]["name"]
     return export_model(model, output, fmt, info, tolerance=tolerance)
 
 

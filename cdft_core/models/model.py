@@ -214,6 +214,9 @@ def model_from_spec(spec: Mapping[str, Any], registry: Any = None) -> CdftModel:
                 f"backbone {spec['backbone']!r} now gives {key}={model.spec[key]} but the checkpoint was built with "
                 f"{spec[key]}; install the timm/plugin version that wrote it"
             )
+    from cdft_core.models.model_change import replay_change
+
+    replay_change(model, spec, registry=registry)  # e.g. LoRA layers, before the tensors are loaded
     model.data_config = data_config_from_json(spec["data_config"])
     model.backbone.data_config = dict(model.data_config)
     model.spec = copy.deepcopy(dict(spec))

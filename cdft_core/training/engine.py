@@ -137,6 +137,7 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
     from cdft_core.data.images import ImageDataset
     from cdft_core.data.transforms import eval_transform, train_transform
     from cdft_core.models.model import build_model
+    from cdft_core.models.model_change import change_model
     from cdft_core.models.weights import weights_origin
     from cdft_core.strategy import check_compatible
 
@@ -162,7 +163,9 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
         config.backbone, adapter, len(splits.classes), pretrained=config.pretrained, weights=config.weights,
         image_size=config.image_size, grad_checkpointing=config.grad_checkpointing,
         adapter_options=config.adapter_options,
-    ).to(dist_info.device)
+    )
+    change_model(model, strategy, config.strategy, config.strategy_options, log)  # e.g. LoRA: before labelling
+    model = model.to(dist_info.device)
     check_compatible(strategy, model)
     if use_channels_last(model.backbone, dist_info.device):  # a ConvNeXt or ResNet on CUDA
         model = model.to(memory_format=torch.channels_last)

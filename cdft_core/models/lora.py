@@ -1,0 +1,130 @@
+"""Low-rank adapters (LoRA) inside a backbone, through the ``peft`` library.
+
+The LoRA strategies (``lora``, ``staged-lora``: plugins/lora_strategies.py) change the
+model before any stage labels it: :func:`inject_lora` wraps chosen layers of the
+backbone with peft's LoRA layers (``peft.inject_adapter_in_model`` on a plain torch
+module — no transformers model needed). peft's layer keeps the original layer as
+``base_layer`` and adds ``lora_A``/``lora_B`` under the adapter name ``default``, so a
+checkpoint's names are stable and readable::
+
+    backbone.model.blocks.0.attn.qkv.base_layer.weight      (frozen, bit-identical)
+    backbone.model.blocks.0.attn.qkv.lora_A.default.weight  (trained)
+    backbone.model.blocks.0.attn.qkv.lora_B.default.weight  (trained, starts at zero)
+
+``lora_B`` starts at zero, so the injected model computes exactly what the plain one
+does until LoRA trains — which is why ``staged-lora``'s first (frt) stage can run with the
+adapters in place and frozen. :func:`merge_lora` folds trained adapters into their base
+layers (``W + scale·B·A``) and removes the wrappers, for export.
+
+Default targets (``target_modules="auto"``): every ``nn.Linear`` and 1×1 ``nn.Conv2d`` of
+the backbone, and every ``nn.MultiheadAttention`` (open_clip's attention; peft adapts its
+input and output projections). That is a timm ViT's ``qkv``, ``proj``, ``fc1``, ``fc2``,
+a ConvNeXt's pointwise ``mlp.fc1``/``mlp.fc2`` and a ResNet's 1×1 convolutions; patch
+embeddings and depthwise or larger convolutions are left alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from cdft_core.errors import UsageError
+
+#: The optimiser label of LoRA parameters in the LoRA strategies.
+LORA_LABEL = "lora"
+#: peft's name of the one adapter cdft injects (part of the checkpoint's tensor names).
+ADAPTER_NAME = "default"
+_LORA_PARAM = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise UsageError("the LoRA strategies need the peft library; install it with `pip install 'cdft[lora]'`") from None
+    return peft
+
+
+def is_lora_parameter(name: str) -> bool:
+    """Whether ``name`` (a state-dict name) is a LoRA tensor that :func:`inject_lora` added."""
+    return bool(_LORA_PARAM.search(name))
+
+
+def lora_targets(module: nn.Module, target_modules: str | Sequence[str] | None = "auto") -> list[str]:
+    """The full names (inside ``module``) of the layers LoRA adapts.
+
+    ``auto``/None: see the module docstring. Otherwise names or name suffixes, as a list or
+    a comma-separated string (``qkv,fc1``); each must match at least one adaptable layer
+    (``nn.Linear``, ``nn.Conv2d``, ``nn.MultiheadAttention``), or the error lists some.
+    Full names are returned because peft also matches suffixes: ``proj`` would otherwise
+    reach a ViT's ``patch_embed.proj`` as well as its attention projections.
+    """
+    inside_attention = {f"{name}.{child}" for name, m in module.named_modules()
+                        if isinstance(m, nn.MultiheadAttention) for child, _ in m.named_modules() if child}
+    layers = {name: m for name, m in module.named_modules()
+              if name and name not in inside_attention and isinstance(m, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))}
+    if target_modules is None or target_modules == "auto":
+        chosen = [name for name, m in layers.items()
+                  if not isinstance(m, nn.Conv2d) or (tuple(m.kernel_size) == (1, 1) and m.groups == 1)]
+        if not chosen:
+            raise UsageError("LoRA found no linear, 1x1 convolution or attention layer in the backbone; "
+                             "name the layers with --strategy-option target_modules=NAME,NAME")
+        return chosen
+    wanted = [t.strip() for t in target_modules.split(",")] if isinstance(target_modules, str) else [
+        str(t).strip() for t in target_modules]
+    wanted = [t for t in wanted if t]
+    if not wanted:
+        raise UsageError("strategy option target_modules is empty; give layer names such as qkv,fc1 or auto")
+    chosen = []
+    for target in wanted:
+        matches = [name for name in layers if name == target or name.endswith("." + target)]
+        if not matches:
+            examples = sorted({name.rsplit(".", 1)[-1] for name in layers})[:8]
+            raise UsageError(f"strategy option target_modules: {target!r} matches no linear, convolution or attention "
+                             f"layer of the backbone; its layers end in e.g. {', '.join(examples)}")
+        chosen.extend(m for m in matches if m not in chosen)
+    return chosen
+
+
+def inject_lora(model: Any, *, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                target_modules: str | Sequence[str] | None = "auto") -> str:
+    """Wrap the backbone's target layers of ``model`` (a CdftModel) with LoRA, in place.
+
+    Deterministic given torch's RNG state (``lora_A`` is drawn from it), so every DDP rank
+    and every rebuild from a checkpoint's spec get the same layout. Returns a line for the
+    run's log: how many layers, and how many LoRA parameters against the backbone's.
+    """
+    peft = _peft()
+    backbone = model.backbone
+    inner = getattr(backbone, "model", backbone)
+    targets = lora_targets(inner, target_modules)
+    config = peft.LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
+                             target_modules=targets, bias="none")
+    base = sum(p.numel() for p in inner.parameters())
+    peft.inject_adapter_in_model(config, inner, adapter_name=ADAPTER_NAME)
+    added = sum(p.numel() for name, p in inner.named_parameters() if is_lora_parameter("." + name))
+    return (f"LoRA in {len(targets)} layers (rank {int(rank)}, alpha {float(alpha):g}, dropout {float(dropout):g}): "
+            f"{added:,} LoRA parameters, {100 * added / max(base, 1):.2f}% of the backbone's {base:,}")
+
+
+def merge_lora(module: nn.Module) -> int:
+    """Fold every LoRA layer under ``module`` into its base layer and unwrap it, in place.
+
+    The result has the plain model's layers and tensor names and computes the same
+    function (up to float rounding), without peft at inference time. Returns the number of
+    layers merged.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, LoraLayer):
+            child.merge(adapter_names=[ADAPTER_NAME])
+            child = child.get_base_layer()
+            setattr(module, name, child)
+            merged += 1
+        merged += merge_lora(child)  # attention wrappers hold their adapted out_proj inside
+    return merged
