@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_smoke.sh [OUT_DIR]        # default: $OUT if set, else /tmp/cdft-gpu-smoke
 #
 # What it runs (random weights, synthetic BreakHis-layout data; nothing is downloaded):
-#   1. each built-in strategy (linear, full, frt, staged) on CUDA in bf16 and in fp16
+#   1. each built-in strategy (linear, full, frt, staged, lora, staged-lora) on CUDA in bf16 and in fp16
 #      (grad scaler), with a ViT and a ConvNeXt, a few steps each, then `cdft eval` of
 #      the saved checkpoint, which must reproduce the run's summary;
 #   2. the GPU step (cdft_core/training/speed.py): each backbone with --compile (torch.compile)
@@ -25,7 +25,7 @@ OUT_DIR="${1:-${OUT:-/tmp/cdft-gpu-smoke}}"
 DEVICE="${SMOKE_DEVICE:-cuda}"
 PRECISIONS="${SMOKE_PRECISIONS:-bf16 fp16}"
 BACKBONES="${SMOKE_BACKBONES:-test_vit test_convnext}"
-STRATEGIES="${SMOKE_STRATEGIES:-linear full frt staged}"
+STRATEGIES="${SMOKE_STRATEGIES:-linear full frt staged lora staged-lora}"
 LARGE="${SMOKE_LARGE:-1}"
 BENCH_BUDGET="${SMOKE_BENCH_BUDGET:-300}"
 PY="${PYTHON:-python}"
