@@ -19,6 +19,7 @@ def show_command(kind: str, name: str, as_json: bool) -> None:
     Examples:
       cdft show dataset breakhis
       cdft show backbone vit_base_patch16_clip_224.laion2b
+      cdft show backbone hf-hub:timm/vit_small_patch16_224.augreg_in21k
     """
     registry = get_registry()
     report_plugin_problems(registry)

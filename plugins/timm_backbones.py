@@ -5,7 +5,9 @@ their data config (mean, std, input size, interpolation) comes from timm's pretr
 cfg, computed only when read (``cdft_core.Lazy``) so that ``cdft list`` never imports
 timm. Any other timm name (``convnext_small.fb_in22k``, a bare ``vit_small_patch16_224``
 which means its default tag) resolves through ``register.resolver``; ``cdft list
-backbones --all`` or a pattern shows timm's catalogue of pretrained names.
+backbones --all`` or a pattern shows timm's catalogue of pretrained names. So does any
+``hf-hub:ORG/NAME[@REV]`` name, from its repo's config.json on the hub or in the local
+Hugging Face cache (docs/models.md#hub-names-hf-hub).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from functools import partial
 from typing import Any
 
 from cdft_core import Lazy, hookimpl
+
+HUB_PREFIX = "hf-hub:"
 
 #: name -> (family, pretraining source, description)
 PAPER_ROWS: dict[str, tuple[str, str, str]] = {
@@ -52,6 +56,8 @@ def claim(name: str) -> dict[str, Any] | None:
     """Any timm model name; a bare architecture resolves to its default pretrained tag."""
     from cdft_core import canonical_timm_name, timm_family
 
+    if name.startswith(HUB_PREFIX):
+        return claim_hub(name)
     canonical = canonical_timm_name(name)
     if canonical is None:
         return None
@@ -67,6 +73,49 @@ def claim(name: str) -> dict[str, Any] | None:
             "data_config": Lazy(partial(data_config, canonical)) if tag else None,
         },
     }
+
+
+def claim_hub(name: str) -> dict[str, Any] | None:
+    """``hf-hub:ORG/NAME[@REV]``: the timm model its config.json describes (hub, else local cache).
+
+    A curated foundation row's repo without a revision is left to the foundation plugin,
+    whose row carries creation arguments the repo's config.json may lack.
+    """
+    from cdft_core import FOUNDATION_MODELS, canonical_timm_name, timm_family
+
+    repo, _, revision = name[len(HUB_PREFIX):].partition("@")
+    if not revision and any(row.hub.lower() == repo.lower() for row in FOUNDATION_MODELS.values()):
+        return None
+    canonical = canonical_timm_name(name)  # finds config.json, or one line saying why not
+    built = Lazy(partial(_meta_backbone, canonical))
+    return {
+        "name": canonical,
+        "factory": partial(build, canonical),
+        "description": f"timm model from hub repo {repo}" + (f" at revision {revision}" if revision else ""),
+        "metadata": {
+            "family": timm_family(canonical),
+            "pretraining": f"hub repo {repo} (see its model card)",
+            "source": "hf-hub",
+            "architecture": Lazy(lambda: built.get().hub_config.architecture),
+            "model_args": Lazy(lambda: dict(built.get().hub_config.model_args)),
+            "config": Lazy(lambda: built.get().hub_config.describe()),
+            "weights": Lazy(lambda: built.get().hub_config.weights_status()),
+            "data_config": Lazy(partial(data_config, canonical)),
+            "embedding_width": Lazy(lambda: built.get().dim),
+            "pooled_width": Lazy(lambda: built.get().pooled_dim),
+            "tokens": Lazy(lambda: built.get().num_tokens()),
+        },
+    }
+
+
+def _meta_backbone(name: str) -> Any:
+    """The backbone built on the meta device: shapes only, no weights, no memory (for ``cdft show``)."""
+    import torch
+
+    from cdft_core import build_timm_backbone
+
+    with torch.device("meta"):
+        return build_timm_backbone(name, pretrained=False)
 
 
 def catalogue() -> list[str]:
@@ -90,4 +139,5 @@ def register_backbones(register):
                 "data_config": Lazy(partial(data_config, name)),
             },
         )
-    register.resolver(claim, catalogue=catalogue, description="a timm model (timm.list_models(pretrained=True))")
+    register.resolver(claim, catalogue=catalogue,
+                      description="a timm model (timm.list_models(pretrained=True)), or hf-hub:ORG/NAME[@REV]")

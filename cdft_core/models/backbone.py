@@ -36,13 +36,15 @@ from timm.models import get_pretrained_cfg, is_model_in_modules, is_model_pretra
 from torch import Tensor, nn
 
 from cdft_core.errors import CdftError, UsageError
+from cdft_core.models.hub_config import hub_config, is_hub_name
 from cdft_core.models.weights import (
     LoadReport,
+    WeightSource,
     hub_offline,
     load_state_dict_checked,
-    read_state_dict,
     resolve_hub_file,
     strip_prefix,
+    weight_source,
 )
 from cdft_core.text import one_line
 
@@ -109,6 +111,7 @@ class TimmBackbone(nn.Module):
         self.data_config = dict(data_config)
         self.weights = weights
         self.load_report: LoadReport | None = None
+        self.hub_config: Any = None  # an ``hf-hub:`` backbone's HubConfig (architecture, config.json read)
         self.dim = int(model.num_features)
         self.pooled_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
@@ -167,7 +170,9 @@ class TimmBackbone(nn.Module):
 
 
 def timm_family(name: str) -> str:
-    """``vit``, ``convnext`` or the timm module that defines the architecture."""
+    """``vit``, ``convnext`` or the timm module that defines the architecture (of its config, for ``hf-hub:``)."""
+    if is_hub_name(name):
+        name = hub_config(name).architecture
     for module, family in FAMILIES.items():
         if is_model_in_modules(name, (module,)):  # a tuple: some timm 1.0.x assert one
             return family
@@ -178,8 +183,13 @@ def timm_family(name: str) -> str:
 def canonical_timm_name(name: str) -> str | None:
     """The ``arch.tag`` spelling of a timm name (a bare arch gets its default tag), or None.
 
-    A tag the architecture does not have is a usage error listing the tags it has.
+    A tag the architecture does not have is a usage error listing the tags it has. An
+    ``hf-hub:ORG/NAME`` name is its own canonical spelling once its config.json is found
+    (hub or local cache; else the one-line error of :mod:`cdft_core.models.hub_config`).
     """
+    if is_hub_name(name):
+        hub_config(name)
+        return name
     if not timm.is_model(name):
         return None
     arch, tag = split_model_name_tag(name)
@@ -194,7 +204,8 @@ def canonical_timm_name(name: str) -> str | None:
     return f"{arch}.{cfg.tag}" if cfg is not None and cfg.tag else arch
 
 
-def _config_entry(config: Mapping[str, Any], image_size: int | None, source: str) -> dict[str, Any]:
+def data_config_entry(config: Mapping[str, Any], image_size: int | None, source: str) -> dict[str, Any]:
+    """A resolved timm data config in cdft's form (tuples, floats), sized for ``image_size``."""
     input_size = tuple(int(v) for v in config["input_size"])
     if image_size:
         input_size = (input_size[0], int(image_size), int(image_size))
@@ -208,13 +219,17 @@ def _config_entry(config: Mapping[str, Any], image_size: int | None, source: str
 
 
 def timm_data_config(name: str, image_size: int | None = None, *, note: str = "") -> dict[str, Any]:
-    """The preprocessing timm's pretrained cfg gives for ``name``, without building the model."""
+    """The preprocessing timm's pretrained cfg (or an ``hf-hub:`` config.json) gives, without building the model."""
+    if is_hub_name(name):
+        from cdft_core.models.hub_backbone import hub_data_config
+
+        return hub_data_config(hub_config(name), image_size, note=note)
     cfg = get_pretrained_cfg(name)
     if cfg is None:
         raise UsageError(f"timm model {name!r} has no pretrained config; its data config is unknown")
     resolved = resolve_data_config(pretrained_cfg=cfg.to_dict())
     source = f"timm pretrained cfg {cfg.architecture}.{cfg.tag}" if cfg.tag else f"timm pretrained cfg {cfg.architecture}"
-    return _config_entry(resolved, image_size, source + (f" ({note})" if note else ""))
+    return data_config_entry(resolved, image_size, source + (f" ({note})" if note else ""))
 
 
 def _default_image_size(cfg: Any) -> int:
@@ -232,7 +247,13 @@ def build_timm_backbone(
     image_size: int | None = None,
     grad_checkpointing: bool = False,
 ) -> TimmBackbone:
-    """A timm model by name, with weights from the hub/cache, a file, or random init."""
+    """A timm model by name, with weights from the hub/cache, a file, or random init (``hf-hub:`` names too)."""
+    if is_hub_name(name):
+        from cdft_core.models.hub_backbone import build_hub_backbone
+
+        return build_hub_backbone(
+            name, pretrained=pretrained, weights=weights, image_size=image_size, grad_checkpointing=grad_checkpointing
+        )
     canonical = canonical_timm_name(name)
     if canonical is None:
         raise UsageError(f"{name!r} is not a timm model name; see `cdft list backbones --all`")
@@ -242,37 +263,46 @@ def build_timm_backbone(
     if image_size and cfg is not None and cfg.fixed_input_size:
         kwargs["img_size"] = size  # ViTs build their position embedding for this size
     # Find the weights before building anything: a missing file fails in a second, not after a model build.
-    state_dict: Mapping[str, Tensor] | None = None
-    if weights:
-        state_dict = read_state_dict(weights)
-        note, source, origin = f"assumed for weights from file {weights}", f"file:{weights}", f"file {weights}"
-    elif pretrained:
-        path, source = locate_timm_weights(canonical, cfg)
-        note, origin = "", f"{source} ({path})"
-    else:
-        note, source, origin = "random init", "random init", ""
-    try:
-        model = timm.create_model(canonical, pretrained=False, **kwargs)
-    except TypeError as exc:
-        raise UsageError(f"timm model {canonical!r} cannot be built with {kwargs}: {one_line(exc)}") from exc
+    source = weight_source(canonical, pretrained=pretrained, weights=weights, locate=lambda: locate_timm_weights(canonical, cfg))
+    model = create_timm_model(canonical, canonical, kwargs)
     if cfg is not None:
-        data_config = timm_data_config(canonical, size, note=note)
+        data_config = timm_data_config(canonical, size, note=source.note)
     else:
-        data_config = _config_entry(resolve_data_config(model=model), size, f"timm default cfg of {canonical} ({note})")
+        data_config = data_config_entry(resolve_data_config(model=model), size, f"timm default cfg of {canonical} ({source.note})")
     backbone = TimmBackbone(
-        model, name=canonical, family=timm_family(canonical), image_size=size, data_config=data_config, weights=source
+        model, name=canonical, family=timm_family(canonical), image_size=size, data_config=data_config,
+        weights=source.source,
     )
-    if state_dict is not None:
-        backbone.load_report = load_backbone_weights(model, state_dict, name=canonical, source=origin)
-    elif pretrained:
-        if cfg.custom_load and source.startswith("url:") and not path.endswith(".safetensors"):
-            model.load_pretrained(path)  # e.g. big_vision .npz files: timm's own reader
-            backbone.load_report = LoadReport(source=origin, loaded=len(model.state_dict()))
-        else:
-            backbone.load_report = load_backbone_weights(model, read_state_dict(path), name=canonical, source=origin)
+    if source.kind == "url" and cfg.custom_load and not source.path.endswith(".safetensors"):
+        model.load_pretrained(source.path)  # e.g. big_vision .npz files: timm's own reader
+        backbone.load_report = LoadReport(source=source.origin, loaded=len(model.state_dict()))
+    else:
+        load_source(backbone, source)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return backbone
+
+
+def create_timm_model(architecture: str, name: str, kwargs: Mapping[str, Any], **extra: Any) -> nn.Module:
+    """``timm.create_model`` without weights; creation arguments it refuses are one usage-error line.
+
+    A hub config.json's ``model_args`` are untrusted: an unknown argument (TypeError) and an
+    impossible value (timm asserts, e.g. a width its head count does not divide) alike.
+    """
+    try:
+        return timm.create_model(architecture, pretrained=False, **extra, **kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        shown = {k: v for k, v in kwargs.items() if k != "num_classes"}
+        raise UsageError(
+            f"backbone {name!r}: timm model {architecture!r} cannot be built with {shown}: {one_line(exc)}"
+        ) from exc
+
+
+def load_source(backbone: TimmBackbone, source: WeightSource) -> None:
+    """Load the chosen weights (if any) strictly into ``backbone.model``; keeps the report."""
+    state_dict = source.state_dict()
+    if state_dict is not None:
+        backbone.load_report = load_backbone_weights(backbone.model, state_dict, name=backbone.name, source=source.origin)
 
 
 def hub_filenames(filename: str | None) -> list[str]:

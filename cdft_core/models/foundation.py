@@ -11,17 +11,15 @@ docs/models.md#pathology-foundation-models for the cards and their licences.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import timm
 import torch
 from torch import Tensor
 
-from cdft_core.errors import CdftError
-from cdft_core.models.backbone import TimmBackbone, hub_filenames, load_backbone_weights
+from cdft_core.models.backbone import TimmBackbone, hub_filenames, load_source
 from cdft_core.models.foundation_table import foundation_data_config, foundation_model
-from cdft_core.models.weights import read_state_dict, resolve_hub_file
+from cdft_core.models.weights import resolve_hub_file, weight_source
 
 
 def create_kwargs(name: str, image_size: int | None = None) -> dict[str, Any]:
@@ -70,32 +68,16 @@ def build_foundation_backbone(
 ) -> FoundationBackbone:
     """A curated row by name; ``device="meta"`` builds shapes only (no memory, no weights)."""
     row = foundation_model(name)
-    state_dict: Mapping[str, Tensor] | None = None
-    if weights:
-        state_dict = read_state_dict(weights)
-        source, origin = f"file:{weights}", f"file {weights}"
-    elif pretrained:
-        try:
-            path = resolve_hub_file(name, row.hub, hub_filenames(None))
-        except CdftError as exc:
-            if not row.gated:
-                raise
-            raise CdftError(
-                f"{exc}; {row.hub} is gated: accept its licence at {row.card} and set HF_TOKEN"
-            ) from exc
-        state_dict = read_state_dict(path)
-        source, origin = f"hub:{row.hub}", f"hub:{row.hub} ({path})"
-    else:
-        source = origin = "random init"
+    source = weight_source(name, pretrained=pretrained, weights=weights, locate=lambda: (
+        resolve_hub_file(name, row.hub, hub_filenames(None), gated=row.gated), f"hub:{row.hub}"))
     with torch.device(device or "cpu"):
         model = timm.create_model(row.architecture, pretrained=False, **create_kwargs(name, image_size))
     size = int(image_size or row.kwargs.get("img_size", 224))
     backbone = FoundationBackbone(
         model, pooling=row.pooling, name=name, family="vit", image_size=size,
-        data_config=foundation_data_config(name, size), weights=source,
+        data_config=foundation_data_config(name, size, note=source.note), weights=source.source,
     )
-    if state_dict is not None:
-        backbone.load_report = load_backbone_weights(model, state_dict, name=name, source=origin)
+    load_source(backbone, source)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return backbone

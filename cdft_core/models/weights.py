@@ -10,6 +10,9 @@ Many hospital clusters (and our CI) cannot reach the hub. The rules are:
 4. ``--weights PATH`` (safetensors, or a torch state dict read with ``weights_only=True``)
    bypasses all of this.
 
+Every backbone builder (timm names, ``hf-hub:`` names, curated foundation rows) makes this
+file / hub / random choice through one helper, :func:`weight_source`.
+
 The environment (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``) is
 read on every call, not when a library is imported, so a test or a launcher that sets it
 late is still obeyed. Loading a state dict into a module goes through
@@ -100,22 +103,30 @@ def split_revision(repo: str) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
-def missing_weights_message(model: str, repo_id: str, reason: str) -> str:
-    return (
+def gated_note(repo_id: str) -> str:
+    """The fix for a gated repo, in the words every message uses (tests and docs match it)."""
+    return f"{repo_id} is gated: accept its licence at {hub_endpoint()}/{repo_id} and set HF_TOKEN"
+
+
+def missing_weights_message(model: str, repo_id: str, reason: str, *, gated: bool = False) -> str:
+    text = (
         f"no pretrained weights for backbone {model!r} in the Hugging Face cache {hf_cache_dir()} "
         f"({reason}); on a connected machine run `hf download {repo_id}` and copy the cache, "
         f"or pass --weights PATH (safetensors or state dict), or use --no-pretrained"
     )
+    return f"{text}; {gated_note(repo_id)}" if gated else text
 
 
-def resolve_hub_file(model: str, repo: str, filenames: Iterable[str]) -> str:
+def resolve_hub_file(model: str, repo: str, filenames: Iterable[str], *, gated: bool = False) -> str:
     """The local path of the first of ``filenames`` in hub repo ``repo``: cached, else downloaded.
 
     Raises a one-line :class:`CdftError` when offline (or the hub is unreachable) and no
-    candidate is cached. ``model`` is the cdft backbone name, used in messages only.
+    candidate is cached. ``model`` is the cdft backbone name, used in messages only. A repo
+    known to be ``gated`` (or that the hub refuses with 401/403) adds the licence and
+    ``HF_TOKEN`` fix to the message.
     """
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
 
     repo_id, revision = split_revision(repo)
     cache_dir = hf_cache_dir()
@@ -125,23 +136,78 @@ def resolve_hub_file(model: str, repo: str, filenames: Iterable[str]) -> str:
         if isinstance(cached, str) and os.path.isfile(cached):
             return cached
     if hub_offline():
-        raise CdftError(missing_weights_message(model, repo_id, "HF_HUB_OFFLINE is set"))
+        raise CdftError(missing_weights_message(model, repo_id, "HF_HUB_OFFLINE is set", gated=gated))
     if not hub_reachable():
-        raise CdftError(missing_weights_message(model, repo_id, f"the hub {hub_endpoint()} is unreachable"))
+        raise CdftError(missing_weights_message(model, repo_id, f"the hub {hub_endpoint()} is unreachable", gated=gated))
     last_error: Exception | None = None
     for filename in names:
         try:
             return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
         except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: the network failed
-            raise CdftError(missing_weights_message(model, repo_id, f"download failed: {one_line(exc)}")) from exc
+            reason = f"download failed: {one_line(exc)}"
+            raise CdftError(missing_weights_message(model, repo_id, reason, gated=gated)) from exc
         except EntryNotFoundError as exc:  # the repo lacks this file: try the next spelling
             last_error = exc
         except (HfHubHTTPError, OSError) as exc:
-            raise CdftError(missing_weights_message(model, repo_id, f"download failed: {one_line(exc)}")) from exc
+            refused = isinstance(exc, GatedRepoError) or http_status(exc) in (401, 403)
+            reason = f"download failed: {one_line(exc)}"
+            raise CdftError(missing_weights_message(model, repo_id, reason, gated=gated or refused)) from exc
     raise CdftError(
         f"hub repo {repo_id} has none of {', '.join(names)} for backbone {model!r}: {one_line(last_error)}; "
         f"pass --weights PATH or use --no-pretrained"
     )
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a hub error, if it carries a response (401/403: private or gated)."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a backbone's weights come from: the one choice every builder makes the same way.
+
+    ``source`` is what ``backbone.weights`` records (``file:PATH``, ``hub:REPO``,
+    ``url:URL``, ``random init``); ``origin`` names the file in the load report;
+    ``note`` is what the data config's ``source`` adds (the preprocessing is *assumed*
+    for a bare file, and says ``random init`` without weights).
+    """
+
+    kind: str  # "file", "hub", "url" or "random"
+    source: str
+    origin: str
+    path: str | None
+    note: str
+    preread: Mapping[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Tensor] | None:
+        """The tensors to load (None for random init); a ``--weights`` file was read already."""
+        if self.preread is not None:
+            return dict(self.preread)
+        return read_state_dict(self.path) if self.path else None
+
+
+def weight_source(
+    model: str, *, pretrained: bool, weights: str | None, locate: Callable[[], tuple[str, str]]
+) -> WeightSource:
+    """Choose the weights of backbone ``model``: ``--weights`` file, else pretrained (``locate``), else none.
+
+    ``locate()`` returns (local path, ``hub:<repo>`` or ``url:<url>``) and raises the
+    one-line error of a missing file; it runs only when pretrained weights are wanted. A
+    ``--weights`` file is read here, before any model is built, so a bad file fails in a
+    second rather than after a large build.
+    """
+    if weights:
+        return WeightSource(
+            "file", f"file:{weights}", f"file {weights}", str(weights),
+            f"assumed for weights from file {weights}", preread=read_state_dict(weights),
+        )
+    if pretrained:
+        path, label = locate()
+        return WeightSource(label.partition(":")[0], label, f"{label} ({path})", path, "")
+    return WeightSource("random", "random init", "", None, "random init")
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
