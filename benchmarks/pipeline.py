@@ -17,6 +17,8 @@ thread, for three pipelines:
   reported apart, as ``build_s`` and ``build_img_s``.
 
 ``identical`` checks that the cached and uncached tensors are equal, bit for bit.
+``--augment paper+hed`` (or ``none``) times cdft's pipelines with that ``--augment``
+choice instead of the paper's (the reference stays the paper's).
 A pass sends every image through one pipeline; the three pipelines' passes alternate,
 ``--repeats`` times, and each pipeline's time is its median pass (a short busy moment on
 a shared machine does not count, a long one slows all three alike).
@@ -89,7 +91,8 @@ def reference_transform(data_config: dict) -> Callable[[str], torch.Tensor]:
     return load
 
 
-def measure(name: str, size: tuple[int, int], count: int, folder: str, input_size: int, repeats: int) -> dict:
+def measure(name: str, size: tuple[int, int], count: int, folder: str, input_size: int, repeats: int,
+            augment: str = "paper") -> dict:
     import pandas as pd
 
     from cdft_core.data.image_cache import cache_for_tables
@@ -113,14 +116,14 @@ def measure(name: str, size: tuple[int, int], count: int, folder: str, input_siz
 
     import tqdm  # noqa: F401 - imported before the build is timed, as the other imports are
 
-    train_transform(data_config)(torch.zeros(3, 8, 8, dtype=torch.uint8))
+    train_transform(data_config, augment)(torch.zeros(3, 8, 8, dtype=torch.uint8))
     start = time.perf_counter()
     cache = cache_for_tables(root, [table], data_config, cache_dir=os.path.join(folder, "cache"))
     build_s = time.perf_counter() - start
 
     reference = reference_transform(data_config)
-    uncached = SeededAugmentation(ImageDataset(root, table, train_transform(data_config)), seed=1)
-    cached = SeededAugmentation(ImageDataset(root, table, train_transform(data_config), cache), seed=1)
+    uncached = SeededAugmentation(ImageDataset(root, table, train_transform(data_config, augment)), seed=1)
+    cached = SeededAugmentation(ImageDataset(root, table, train_transform(data_config, augment), cache), seed=1)
     identical = all(torch.equal(uncached[i][0], cached[i][0]) for i in range(count))
 
     def reference_item(i: int) -> torch.Tensor:  # the paper draws from one stream, unseeded per image
@@ -139,7 +142,8 @@ def measure(name: str, size: tuple[int, int], count: int, folder: str, input_siz
             passes[key].append(time.perf_counter() - start)
     rates = {key: count / statistics.median(times) for key, times in passes.items()}
     return {
-        "image_size": name, "images": count, "input_size": input_size, "png_kb_mean": round(png_bytes / count / 1024),
+        "image_size": name, "images": count, "input_size": input_size, "augment": augment,
+        "png_kb_mean": round(png_bytes / count / 1024),
         **{f"{key}_img_s": round(rate, 1) for key, rate in rates.items()},
         "cached_vs_uncached": round(rates["cached"] / rates["uncached"], 1),
         "cached_vs_reference": round(rates["cached"] / rates["reference"], 1),
@@ -155,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per pipeline (median used)")
     parser.add_argument("--input-size", type=int, default=224, help="the model's input size (default 224)")
     parser.add_argument("--size", choices=sorted(SIZES), action="append", help="only these image sizes")
+    parser.add_argument("--augment", default="paper", help="cdft's --augment choice: paper, paper+hed or none")
     parser.add_argument("--images", type=int, help="images per size (default 24 at 700x460, 6 at 2048x2048)")
     parser.add_argument("--device", default="cpu", help="accepted for gpu_smoke.sh and ignored: the data pipeline "
                         "runs on the CPU (in the loader workers) whatever device trains")
@@ -164,12 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cdft-pipeline-") as folder:
         for name in args.size or list(SIZES):
             size, count = SIZES[name]
-            results.append(measure(name, size, args.images or count, folder, args.input_size, args.repeats))
+            results.append(measure(name, size, args.images or count, folder, args.input_size, args.repeats,
+                                   args.augment))
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"train path, images/s on one core, input {args.input_size}px — {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, median of {args.repeats}")
+    print(f"train path, images/s on one core, input {args.input_size}px, --augment {args.augment} — "
+          f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, median of {args.repeats}")
     print(f"{'images':<10} {'PNG KB':>7} {'reference':>10} {'uncached':>9} {'cached':>8} {'cached/uncached':>16} "
           f"{'cached/reference':>17} {'build img/s':>12} {'identical':>9}")
     for row in results:

@@ -29,6 +29,10 @@ from cdft_core.yaml_files import dump_mapping, load_yaml, yaml_value
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw")
+#: ``--augment``: the paper's augmentation, the same plus HED stain jitter, or resize only (cdft_core/data/transforms.py)
+AUGMENTS = ("paper", "paper+hed", "none")
+CLASS_WEIGHTS = ("none", "balanced")
+SAMPLERS = ("random", "balanced")
 
 
 @dataclass
@@ -44,6 +48,7 @@ class RunConfig:
     folds: int | None = field(default=None, metadata={"help": "number of folds when splitting in memory (dataset default if unset)"})
     protocol: str | None = field(default=None, metadata={"help": "dataset protocol (dataset default if unset)"})
     dataset_options: dict[str, str] = field(default_factory=dict, metadata={"help": "dataset-specific KEY=VALUE"})
+    augment: str = field(default="paper", metadata={"help": "training augmentation: paper (the paper's flips, brightness/contrast, affine), paper+hed (the same plus HED stain jitter; needs pip install 'cdft[stain]') or none (resize only, as evaluation)"})
     # -- model -------------------------------------------------------------------------
     backbone: str | None = field(default=None, metadata={"help": "backbone name (`cdft list backbones`)"})
     adapter: str | None = field(default=None, metadata={"help": "adapter name; unset: the strategy's default"})
@@ -65,6 +70,11 @@ class RunConfig:
     warmup_epochs: float = field(default=2.0, metadata={"help": "linear warm-up length, restarted at each stage"})
     warmup_start_factor: float = field(default=0.01, metadata={"help": "warm-up starts at this fraction of the learning rate"})
     max_steps_per_epoch: int | None = field(default=None, metadata={"help": "cap on training steps per epoch (quick experiments)"})
+    class_weights: str = field(default="none", metadata={"help": "none, or balanced: training loss weights N/(K*n_class) from the training split's class counts"})
+    sampler: str = field(default="random", metadata={"help": "random (a seeded shuffle), or balanced: each epoch draws the training images with replacement, every class equally likely"})
+    accumulate: int = field(default=1, metadata={"help": "micro-batches of --batch-size per optimizer step (effective batch: batch size x accumulate x processes)"})
+    patience: int | None = field(default=None, metadata={"help": "end a stage after N epochs without a higher validation accuracy; unset: train every epoch"})
+    ema: float | None = field(default=None, metadata={"help": "decay in (0, 1) of an exponential moving average of the trainable weights, validated, selected and saved; unset: off"})
     seed: int = field(default=1, metadata={"help": "fixes the split, the initialisation, the data order and augmentation"})
     # -- hardware ----------------------------------------------------------------------
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -172,6 +182,20 @@ def check_num_workers(value: Any, *, what: str = "--num-workers") -> int | str:
     if isinstance(value, bool) or not _is_int(value) or int(value) < 0:
         raise UsageError(f"{what} must be auto or a number of worker processes (0, 1, 2...), got {_shown(value)}")
     return int(value)
+
+
+#: what a near-miss of a choice most likely meant, where spelling alone would not find it
+_MEANT = {"gpu": "cuda", "hed": "paper+hed", "stain": "paper+hed", "off": "none"}
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """A one-line :class:`UsageError` for a ``--name`` value outside ``choices``, with "did you mean"."""
+    if value in choices:
+        return
+    meant = _MEANT.get(str(value).lower())
+    close = [meant] if meant in choices else difflib.get_close_matches(str(value), choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise UsageError(f"{_flag(name)} {_shown(value)} is not one of {', '.join(choices)}{hint}")
 
 
 def _shown(value: Any) -> str:
@@ -282,12 +306,14 @@ def validate(config: RunConfig) -> None:
         "batch_size": "--batch-size",
         "epochs": "--epochs",
         "log_every": "--log-every",
+        "accumulate": "--accumulate",
     }
     for name, option in positive.items():
         if getattr(config, name) < 1:
             raise UsageError(f"{option} must be at least 1, got {getattr(config, name)}")
     for name, option in (("eval_batch_size", "--eval-batch-size"), ("max_steps_per_epoch", "--max-steps-per-epoch"),
-                         ("image_size", "--image-size"), ("folds", "--folds"), ("train_views", "--train-views")):
+                         ("image_size", "--image-size"), ("folds", "--folds"), ("train_views", "--train-views"),
+                         ("patience", "--patience")):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}")
@@ -311,6 +337,7 @@ def validate(config: RunConfig) -> None:
     if not 0 < config.warmup_start_factor <= 1:
         raise UsageError(f"--warmup-start-factor must be in (0, 1], got {config.warmup_start_factor}")
     check_num_workers(config.num_workers)
+    check_choice("augment", config.augment, AUGMENTS)
     if not config.dist_timeout > 0:
         raise UsageError(f"--dist-timeout must be positive seconds, got {config.dist_timeout}")
     for name, choices in (("device", DEVICES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
@@ -319,6 +346,14 @@ def validate(config: RunConfig) -> None:
             close = ["cuda"] if value == "gpu" else difflib.get_close_matches(str(value), choices, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UsageError(f"--{name} {value!r} is not one of {', '.join(choices)}; {hint}".rstrip("; ").rstrip())
+    for name, choices in (("class_weights", CLASS_WEIGHTS), ("sampler", SAMPLERS)):
+        value = getattr(config, name)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"{_flag(name)} {value!r} is not one of {', '.join(choices)}{hint}")
+    if config.ema is not None and not 0 < config.ema < 1:
+        raise UsageError(f"--ema is the average's decay, in (0, 1) (e.g. 0.999), got {config.ema}")
     if config.train_views is not None and not config.feature_cache:
         raise UsageError(f"--train-views {config.train_views} stores training views in the feature cache; "
                          f"drop --no-feature-cache (or --train-views)")

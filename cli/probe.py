@@ -19,7 +19,7 @@ PROBE_FIELDS = (
     "dataset", "data_root", "split_file", "val_fold", "test_fold", "folds", "protocol", "dataset_options",
     "backbone", "weights", "pretrained", "image_size", "batch_size", "eval_batch_size", "epochs", "warmup_epochs",
     "warmup_start_factor", "max_steps_per_epoch", "seed", "device", "precision", "num_workers", "cache", "cache_dir",
-    "train_views", "output", "runs_dir",
+    "train_views", "augment", "output", "runs_dir",
 )
 
 
@@ -37,7 +37,7 @@ def probe_command(config_file: str | None, lrs: str, weight_decays: str, as_json
     features of a frozen BACKBONE, choose by validation accuracy, report every head's test metrics.
 
     Training images are seen as evaluation sees them (no augmentation), or with
-    --train-views N as N stored augmented views. The run directory holds the chosen head
+    --train-views N as N stored augmented views (--augment chooses which). The run directory holds the chosen head
     as a whole-model checkpoint: `cdft eval RUN_DIR` reproduces its test metrics.
 
     \b

@@ -28,7 +28,8 @@ _DICT_OPTIONS = {"dataset_options": "--dataset-option", "adapter_options": "--ad
 #: what a value looks like, where TEXT would say too little
 _METAVARS = {"data_root": "DIR|URL", "split_file": "CSV", "weights": "FILE", "output": "DIR|URL", "runs_dir": "DIR",
              "dataset": "NAME", "backbone": "NAME", "adapter": "NAME", "strategy": "NAME", "protocol": "NAME",
-             "optimizer": "NAME", "device": "NAME", "precision": "NAME", "num_workers": "N|auto", "cache_dir": "DIR"}
+             "optimizer": "NAME", "device": "NAME", "precision": "NAME", "num_workers": "N|auto", "cache_dir": "DIR",
+             "augment": "paper|paper+hed|none"}
 #: the launcher options (handed to torchrun, not to the workers)
 LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_backend")
 

@@ -344,7 +344,7 @@ def test_a_worker_copy_of_an_image_error_keeps_one_line():
     ("replace", "expected"),
     [
         ({"dataset": "breakhs"}, "unknown dataset 'breakhs'; did you mean 'breakhis'?"),
-        ({"strategy": "stage"}, "unknown strategy 'stage'; did you mean 'staged'?"),
+        ({"strategy": "stage"}, "unknown strategy 'stage'; did you mean 'staged', 'staged-lora'?"),
     ],
 )
 def test_unknown_names_suggest_each_name_once(tmp_path_factory, tmp_path, replace, expected):

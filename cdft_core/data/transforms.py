@@ -21,6 +21,16 @@ then ``ToDtype(float32, scale=True)`` and ``Normalize(mean, std)``. Every random
 comes from torch's global generator, so seeding torch (as the engine does, per worker
 too) makes the augmentation reproducible.
 
+``--augment`` chooses among three pipelines (:data:`AUGMENTS`): ``paper`` (the default,
+above), ``none`` (resize and normalise only: what evaluation does) and ``paper+hed``: the
+paper's with HED stain jitter (:class:`cdft_core.data.stain.HedJitter`) right after the
+resize. There because it models how the slide took up its stains: it must see the colours
+as scanned (deconvolution assumes light absorbed from a white background), before the
+brightness and contrast jitter changes them and before the affine blends tissue with its
+black border, which is not tissue; flips move pixels without changing them (either order
+gives the same image); and after the resize it works on the model's input size, not the
+stored image's. The resize stays first, so the image cache serves every choice.
+
 Both pipelines begin with the same deterministic resize, which draws no random number.
 :func:`split_resize` separates it from the rest, so the image cache
 (:mod:`cdft_core.data.image_cache`) can store its ``uint8`` output once and apply only
@@ -35,6 +45,7 @@ from typing import Any
 
 import torch
 
+from cdft_core.config import AUGMENTS
 from cdft_core.errors import UsageError
 
 #: Interpolations torchvision can apply to tensors, and what the others fall back to.
@@ -128,13 +139,26 @@ def _normalise(data_config: Mapping[str, Any]) -> list[Callable[[Any], Any]]:
     ]
 
 
-def train_transform(data_config: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The paper's augmentation: ``uint8 3×h×w`` in, normalised ``float32 3×H×W`` out."""
+def train_transform(data_config: Mapping[str, Any], augment: str = "paper") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The training pipeline ``augment`` names: ``uint8 3×h×w`` in, normalised ``float32 3×H×W`` out.
+
+    ``paper``: the paper's augmentation; ``paper+hed``: the same with HED stain jitter
+    after the resize (it needs scikit-image); ``none``: :func:`eval_transform`.
+    """
     from torchvision.transforms import v2
 
+    check_augment(augment)
+    if augment == "none":
+        return eval_transform(data_config)
+    stain = []
+    if augment == "paper+hed":
+        from cdft_core.data.stain import HedJitter
+
+        stain = [HedJitter()]
     return v2.Compose(
         [
             resize_transform(data_config),
+            *stain,
             v2.RandomHorizontalFlip(p=0.5),
             v2.RandomVerticalFlip(p=0.5),
             v2.RandomApply([v2.ColorJitter(brightness=0.1, contrast=0.1)], p=0.5),
@@ -153,6 +177,21 @@ def train_transform(data_config: Mapping[str, Any]) -> Callable[[torch.Tensor], 
             *_normalise(data_config),
         ]
     )
+
+
+def check_augment(augment: str) -> None:
+    """A one-line :class:`UsageError` for an unknown choice, or for ``paper+hed`` without scikit-image.
+
+    Runs call it before any work (:func:`cdft_core.training.preflight.preflight`), so a
+    missing package costs a second, not a failing loader worker.
+    """
+    from cdft_core.config import check_choice
+
+    check_choice("augment", augment, AUGMENTS)
+    if augment == "paper+hed":
+        from cdft_core.data.stain import require_skimage
+
+        require_skimage()
 
 
 def eval_transform(data_config: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -7,7 +7,7 @@ Two kinds of files:
   download), the run's resolved config, the class names, stage and epoch. It is
   self-contained: ``cdft eval`` needs nothing else.
 - a *resume* state in ``RUN/resume/``: the model, the optimizer's tensors, the RNG
-  states (``<tag>.model.safetensors``, ``<tag>.state.safetensors``) and one JSON file
+  states, the ``--ema`` average (``<tag>.model.safetensors``, ``<tag>.state.safetensors``) and one JSON file
   with the rest (optimizer hyper-parameters, schedule, grad scaler, progress,
   best-so-far). The JSON is written last and names the tensor files, so it is the
   commit record: a run killed while saving still has its previous complete state.
@@ -148,12 +148,14 @@ def save_resume(
     optimizer_state: Mapping[str, Any],
     rng_states: list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
     progress: Mapping[str, Any],
+    ema_state: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Write one complete resumable state, then drop the older ones.
 
     ``rng_states`` holds one entry per rank (each rank's augmentation-free RNG stream
     for dropout and friends). ``progress`` is any JSON-safe record (epoch, step,
-    schedule, scaler, best-so-far...).
+    schedule, scaler, best-so-far...). ``ema_state``: the stage's moving average (``--ema``),
+    stored beside the optimizer's tensors as ``ema.<parameter name>``.
     """
     from safetensors.torch import save
 
@@ -163,6 +165,7 @@ def save_resume(
     for rank, (tensors, rest) in enumerate(rng_states):
         state_tensors.update({f"rng.{rank}.{k}": v.to("cpu").contiguous() for k, v in tensors.items()})
         rng_rest.append(rest)
+    state_tensors.update({f"ema.{k}": v.detach().to("cpu").contiguous() for k, v in (ema_state or {}).items()})
     model_name = f"{RESUME_DIR}/{tag}.model.safetensors"
     state_name = f"{RESUME_DIR}/{tag}.state.safetensors"
     save_model(rundir, model_name, model_state, {"tag": tag})
@@ -174,6 +177,7 @@ def save_resume(
         "optimizer": opt_rest,
         "rng": rng_rest,
         "world_size": len(rng_states),
+        "ema": ema_state is not None,
         "progress": _jsonable(dict(progress)),
     }
     rundir.write_text(f"{RESUME_DIR}/{tag}.json", json.dumps(record, indent=1))
@@ -203,6 +207,7 @@ def latest_resume(rundir: RunDir) -> dict[str, Any] | None:
         "model": model,
         "optimizer": unflatten_optimizer(optimizer_tensors, record["optimizer"]),
         "rng": rng,
+        "ema": {k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")} if record.get("ema") else None,
         "progress": record["progress"],
     }
 

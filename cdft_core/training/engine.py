@@ -43,21 +43,32 @@ Every feature and the config key (``cdft run --help`` option) that controls it:
   epoch (exact), and with ``train_views`` N augmented views of the training images are
   stored and cycled (an approximation): :mod:`cdft_core.training.frozen`.
 - **Quick runs**: ``max_steps_per_epoch`` caps the training steps of each epoch.
+- **Class imbalance** (:mod:`cdft_core.training.balance`): ``class_weights`` ``balanced``
+  weights the training loss by N/(K·n_class); ``sampler`` ``balanced`` draws each epoch's
+  images with replacement, every class equally likely (seeded by seed and epoch).
+- **Accumulation** (``accumulate``, :mod:`cdft_core.training.step`): one optimizer step per
+  N batches, each weighted by its share of the step's images; the schedule, ``steps``,
+  ``max_steps_per_epoch`` and ``log_every`` count optimizer steps.
+- **Early stopping** (``patience``): a stage ends after N epochs without a strictly higher
+  validation accuracy, then completes as usual (test on its best weights).
+- **Weight averaging** (``ema``, :mod:`cdft_core.training.ema`): a moving average of the
+  trainable weights is validated, selected and saved as ``best.safetensors``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from cdft_core.config import RunConfig, absolute_paths, resolve_device, resolve_precision
 from cdft_core.data.root import ImageError
 from cdft_core.errors import CdftError, Interrupted, UsageError
+from cdft_core.training.balance import loss_weights
 from cdft_core.training.checkpoint import restore_rng
 from cdft_core.training.distributed import (
     any_rank,
@@ -68,7 +79,8 @@ from cdft_core.training.distributed import (
     teardown,
     wrap_ddp,
 )
-from cdft_core.training.evaluation import autocast, metrics_of
+from cdft_core.training.ema import StageEma, averaged, with_average
+from cdft_core.training.evaluation import metrics_of
 from cdft_core.training.faults import step_hook_from_env
 from cdft_core.training.loaders import (
     SeededAugmentation,
@@ -83,6 +95,7 @@ from cdft_core.training.predictions import best_predictions, evaluate_split, sav
 from cdft_core.training.preflight import check_memory, load_run_splits, preflight
 from cdft_core.training.records import (
     best_weights,
+    effective_batch,
     interrupted_message,
     log_input_grid,
     record,
@@ -96,9 +109,10 @@ from cdft_core.training.records import (
 )
 from cdft_core.training.schedule import derive_seed, format_rates, lr_factor, rates, seed_everything, set_rates
 from cdft_core.training.signals import StopRequest
-from cdft_core.training.speed import compile_model, configure_backends, to_device, use_channels_last
+from cdft_core.training.speed import compile_model, configure_backends, use_channels_last
 from cdft_core.training.speed import describe as describe_speed
 from cdft_core.training.state import Progress, Run, RunData, SavedState, StageRun, open_run_dir
+from cdft_core.training.step import backward_step, optimizer_step, step_batches
 from cdft_core.training.tensorboard_log import TensorBoardLog
 
 
@@ -177,8 +191,8 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
     cache = cache_for_tables(splits.root, [splits.train, splits.val, splits.test], model.data_config,  # --no-cache: None
                              cache_dir=config.cache_dir, progress=dist_info.is_main, log=log) if config.cache else None
     data = RunData(
-        train=SeededAugmentation(ImageDataset(splits.root, splits.train, train_transform(model.data_config), cache),
-                                 config.seed),
+        train=SeededAugmentation(ImageDataset(splits.root, splits.train,
+                                              train_transform(model.data_config, config.augment), cache), config.seed),
         val=ImageDataset(splits.root, splits.val, eval_transform(model.data_config), cache),
         test=ImageDataset(splits.root, splits.test, eval_transform(model.data_config), cache),
     )
@@ -226,20 +240,20 @@ def _resumable(exc: ImageError, url: str) -> CdftError:
 
 def _settle_resume(run: Run, saved: SavedState) -> None:
     """Restore a saved state: weights, this rank's RNG and running sums, the interrupted
-    stage's optimizer state (for its builder) — or, when the state was saved after a
-    stage's last epoch, complete that stage and move on."""
+    stage's optimizer state and moving average (for their builders) — or, when the state
+    was saved after a stage's last epoch (or its early stop), complete that stage and move on."""
     progress, index = run.progress, run.progress.stage_index
     run.model.load_state_dict({k: v.to(run.dist.device) for k, v in saved.model.items()})
     if progress.step:  # saved in the middle of an epoch (SIGTERM)
         restore_rng(*saved.rng[run.dist.rank])
         progress.epoch_sums = dict(saved.epoch_sums[run.dist.rank])
-    elif progress.best_epoch == progress.epoch:
-        save_best(run, index)  # saved at a best epoch: make sure its files exist
+    elif progress.best_epoch == progress.epoch:  # saved at a best epoch: make sure its files exist
+        save_best(run, index, with_average(run.model.state_dict(), saved.ema))  # --ema: the average was validated
     epochs = _stage_epochs(run, index)
-    if progress.epoch >= epochs:
+    if progress.stage_done(epochs, run.config.patience):
         _complete_stage(run, index, epochs)
     else:
-        run.saved_optimizer, run.saved_scaler = saved.optimizer, saved.scaler
+        run.saved_optimizer, run.saved_scaler, run.saved_ema = saved.optimizer, saved.scaler, saved.ema
 
 
 # -- one stage ------------------------------------------------------------------------
@@ -252,8 +266,9 @@ def train_stage(run: Run, index: int) -> None:
     stage = run.strategy.stages[index]
     labels = apply_stage(model, stage)
     run.features = stage_features(run, index)  # a frozen backbone: val/test (and --train-views) from the cache
-    saved_optimizer, saved_scaler = run.take_saved()
-    steps = steps_per_epoch(len(run.data.train), run.dist.world_size, config.batch_size, config.max_steps_per_epoch)
+    saved_optimizer, saved_scaler, saved_ema = run.take_saved()
+    steps = steps_per_epoch(len(run.data.train), run.dist.world_size, config.batch_size, config.max_steps_per_epoch,
+                            config.accumulate)
     epochs = _stage_epochs(run, index)
     probe = torch.stack([run.data.val[0][0]] * 2)
     current = StageRun(
@@ -261,10 +276,14 @@ def train_stage(run: Run, index: int) -> None:
         optimizer=build_optimizer(model, labels, stage, config, saved_optimizer),
         scaler=build_scaler(run.precision, saved_scaler),
         model=wrap_ddp(model, run.dist, probe, run.precision, run.log),
+        ema=StageEma(model, config.ema, saved_ema) if config.ema else None,  # from the stage's start (or saved)
+        class_weights=loss_weights(config.class_weights, run.splits.train["label"].tolist(), run.splits.classes, run.log),
     )
     run.log(
         f"stage {index + 1}/{len(run.strategy.stages)} {stage.name}: {epochs} epochs x {steps} steps, "
-        f"{format_rates(rates(current.optimizer))}, {trainable_count(current.optimizer):,} trainable parameters"
+        f"{format_rates(rates(current.optimizer))}, {trainable_count(current.optimizer):,} trainable parameters, "
+        f"effective batch {effective_batch(run)} ({config.batch_size} x {config.accumulate} accumulated x "
+        f"{run.dist.world_size} process{'es' if run.dist.distributed else ''})"
         + (f", from stage {index}'s best weights" if stage.init == "best" else "")
     )
     for epoch in range(progress.epoch, epochs):
@@ -274,21 +293,25 @@ def train_stage(run: Run, index: int) -> None:
                                             "lr_groups": rates(current.optimizer)})
         broadcast_buffers(model, run.dist)  # every rank evaluates the model rank 0 saves
         where = stage_epoch(index + 1, len(run.strategy.stages), epoch + 1, epochs)
-        val = evaluate_split(run, "val", f"{where} val")
+        with averaged(current.ema):  # --ema: the average is what is validated and selected
+            val = evaluate_split(run, "val", f"{where} val")
         record(run, index, epoch, "val", val)
-        is_best = progress.best_accuracy is None or val["accuracy"] >= progress.best_accuracy
-        if is_best:
-            progress.best_accuracy, progress.best_epoch, progress.best_val = val["accuracy"], epoch + 1, val
+        is_best = progress.note_validation(val, epoch)
         progress.epoch, progress.step, progress.epoch_sums = epoch + 1, 0, {}
         run.log(
             f"stage {index + 1} epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
             f"val acc {val['accuracy']:.4f} | best val {progress.best_accuracy:.4f} (epoch {progress.best_epoch})"
         )
-        save_checkpoint(run, current.optimizer, current.scaler)
+        average = current.ema.state_dict() if current.ema is not None else None
+        save_checkpoint(run, current.optimizer, current.scaler, average)
         if is_best:  # after the resume state: a best file is never newer than the state that knows it
-            save_best(run, index)
+            save_best(run, index, with_average(model.state_dict(), average))
         if any_rank(run.stop.requested, run.dist):
             raise Interrupted(interrupted_message(run))
+        if progress.stage_done(epochs, config.patience) and progress.epoch < epochs:
+            run.log(f"stage {index + 1}: no higher validation accuracy for {config.patience} epoch"
+                    f"{'s' if config.patience > 1 else ''} (--patience): stopping early after epoch {epoch + 1} of {epochs}")
+            break
     _complete_stage(run, index, epochs)
 
 
@@ -331,13 +354,14 @@ def train_epoch(run: Run, current: StageRun, epoch: int) -> tuple[float, float]:
     start = progress.step  # > 0 only when resuming a SIGTERM state
     if start == 0:
         seed_everything(derive_seed(config.seed, "train", global_epoch, dist_info.rank))  # dropout etc.
+    step_images = config.batch_size * config.accumulate  # per optimizer step and process
     order = train_order(run.data.train, seed=config.seed, epoch=global_epoch, rank=dist_info.rank,
-                        world_size=dist_info.world_size,
-                        max_images=config.max_steps_per_epoch and config.max_steps_per_epoch * config.batch_size)
+                        world_size=dist_info.world_size, sampler=config.sampler, labels=run.data.train.dataset.labels,
+                        max_images=config.max_steps_per_epoch and config.max_steps_per_epoch * step_images)
     if run.features is not None and run.features.train is not None:  # --train-views: stored views, no images
-        loader = run.features.train.batches(order[start * config.batch_size:], config.batch_size, global_epoch)
+        loader = run.features.train.batches(order[start * step_images:], config.batch_size, global_epoch)
     else:  # one loader for the whole run (persistent workers); each key carries its epoch for the augmentation
-        loader = run.loaders.train(run.data.train, order[start * config.batch_size:], global_epoch,
+        loader = run.loaders.train(run.data.train, order[start * step_images:], global_epoch,
                                    config.batch_size, config.num_workers, derive_seed(config.seed, "loader"),
                                    dist_info.device)
     channels_last = use_channels_last(run.model.backbone, dist_info.device)
@@ -347,33 +371,26 @@ def train_epoch(run: Run, current: StageRun, epoch: int) -> tuple[float, float]:
     bar = progress_bar(dist_info.is_main, current.steps, start,
                        stage_epoch(index + 1, len(run.strategy.stages), epoch + 1, current.epochs))
     tick = epoch_start = time.time()
-    for step, (images, labels) in enumerate(loader, start=start):
-        images = to_device(images, dist_info.device, channels_last)
-        labels = labels.to(dist_info.device, non_blocking=True)
+    for step, batches in enumerate(step_batches(loader, config.accumulate), start=start):  # --accumulate N batches
         set_rates(current.optimizer, lr_factor(epoch * current.steps + step, current.warmup, current.total_steps,
                                                config.warmup_start_factor))
-        with autocast(run.precision, dist_info.device):
-            logits = current.model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        if any_rank(not bool(torch.isfinite(loss)), dist_info):
+        result = backward_step(current.model, current.optimizer, batches, device=dist_info.device,
+                               channels_last=channels_last, precision=run.precision, scaler=current.scaler,
+                               class_weights=current.class_weights)
+        if any_rank(not math.isfinite(result.loss), dist_info):
             raise CdftError(
                 f"the training loss is not finite (nan or inf) at stage {index + 1}, epoch {epoch + 1}, step {step + 1}; "
                 f"try a lower --lr, --precision fp32 or bf16, or check the images for corrupt values"
             )
-        current.optimizer.zero_grad(set_to_none=True)
-        if current.scaler is not None:
-            current.scaler.scale(loss).backward()
-            current.scaler.step(current.optimizer)
-            current.scaler.update()
-        else:
-            loss.backward()
-            current.optimizer.step()
+        optimizer_step(current.optimizer, current.scaler)
+        if current.ema is not None:
+            current.ema.update()
         progress.global_step += 1
         progress.step = step + 1
-        loss_value = loss.item()
-        sums["loss"] += loss_value * labels.shape[0]
-        sums["correct"] += int((logits.detach().argmax(1) == labels).sum())
-        sums["count"] += int(labels.shape[0])
+        loss_value = result.loss
+        sums["loss"] += result.loss_sum
+        sums["correct"] += result.correct
+        sums["count"] += result.count
         window.append(loss_value)
         if run.after_step is not None:
             run.after_step(index + 1, epoch + 1, step + 1)
@@ -381,18 +398,18 @@ def train_epoch(run: Run, current: StageRun, epoch: int) -> tuple[float, float]:
             mean_loss = mean_over_ranks(sum(window), len(window), dist_info)
             record_step(run, index, mean_loss, rates(current.optimizer))
             if bar is None:
-                rate = len(window) * config.batch_size * dist_info.world_size / max(time.time() - tick, 1e-9)
+                rate = len(window) * effective_batch(run) / max(time.time() - tick, 1e-9)
                 run.log(f"stage {index + 1} epoch {epoch + 1} step {step + 1}/{current.steps}: loss {mean_loss:.4f}, "
                         f"{format_rates(rates(current.optimizer))}, {rate:.1f} img/s")
             window, tick = [], time.time()
         if bar is not None:
             bar.update(1)
-            seen = (step + 1 - start) * config.batch_size * dist_info.world_size
+            seen = (step + 1 - start) * effective_batch(run)
             bar.set_postfix({"loss": f"{loss_value:.4f}", "lr": f"{current.optimizer.param_groups[0]['lr']:.2e}",
                              "img/s": f"{seen / max(time.time() - epoch_start, 1e-9):.1f}"})
         if step + 1 < current.steps and any_rank(run.stop.requested, dist_info):
             progress.epoch_sums = dict(sums)
-            save_checkpoint(run, current.optimizer, current.scaler)
+            save_checkpoint(run, current.optimizer, current.scaler, current.ema and current.ema.state_dict())
             raise Interrupted(interrupted_message(run))
     if bar is not None:
         bar.close()

@@ -24,7 +24,7 @@ The key (:mod:`cdft_core.training.feature_store`) holds the backbone, a SHA-256 
 weights and buffers (a changed weight file, or weights a previous stage trained, give a
 new cache), the data config, the image-cache key of the run's images (paths and file
 fingerprints), the split's ordered paths, the precision and device, and per store either
-the evaluation shard (rank, world size, batch size) or the views and the seed.
+the evaluation shard (rank, world size, batch size) or the views, the seed and ``--augment``.
 """
 
 from __future__ import annotations
@@ -181,14 +181,16 @@ class TrainViews:
 
 
 def view_features(source: FeatureSource, dataset: Dataset, paths: Sequence[str], *, views: int, seed: int,
-                  batch_size: int, num_workers: int | str) -> TrainViews:
+                  batch_size: int, num_workers: int | str, augment: str = "paper") -> TrainViews:
     """The ``views`` augmented views of every image of ``dataset`` (a
-    :class:`~cdft_core.training.loaders.SeededAugmentation`), from the cache or computed
-    now by this process (others asking for the same views wait for it)."""
+    :class:`~cdft_core.training.loaders.SeededAugmentation` whose pipeline ``--augment``
+    named: part of the key), from the cache or computed now by this process (others
+    asking for the same views wait for it)."""
     count = len(dataset)
     keys = [(view, index) for view in range(views) for index in range(count)]
     loader = make_loader(dataset, keys, batch_size, num_workers, 0, device=source.dist.device)
-    inputs = {**source.key, "split": "train", "paths": paths_digest(paths), "transform": "augment",
+    transform = "augment" if augment == "paper" else f"augment:{augment}"  # the paper's keeps its earlier key
+    inputs = {**source.key, "split": "train", "paths": paths_digest(paths), "transform": transform,
               "views": views, "seed": seed}
     store = open_store(inputs, lambda: source.batches(loader, "feature cache train views"), rows=len(keys),
                        contents=f"{source.key['backbone']} train, {count} images x {views} augmented views",
@@ -242,7 +244,7 @@ def stage_features(run: Run, index: int) -> FrozenFeatures | None:
         if config.train_views:
             features.train = view_features(source, run.data.train, splits.train["image_path"].tolist(),
                                            views=config.train_views, seed=config.seed, batch_size=batch,
-                                           num_workers=config.num_workers)
+                                           num_workers=config.num_workers, augment=config.augment)
             run.log(f"stage {index + 1}: epoch e trains on stored augmented view e mod {config.train_views} of each "
                     f"image (--train-views: an approximation of fresh augmentation every epoch)")
     except BaseException:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from cdft_core.cpus import available_cpus
+from cdft_core.training.balance import balanced_draw
 from cdft_core.training.schedule import derive_seed
 from cdft_core.training.speed import loader_kwargs
 
@@ -62,16 +63,40 @@ class WithIndex(Dataset):
 
 
 def train_order(dataset: Dataset, *, seed: int, epoch: int, rank: int, world_size: int,
-                max_images: int | None = None) -> list[int]:
-    """This rank's image order for an epoch: a function of (seed, epoch, rank, world size)."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
-    sampler.set_epoch(epoch)
-    indices = list(sampler)
+                max_images: int | None = None, sampler: str = "random",
+                labels: Sequence[int] | None = None) -> list[int]:
+    """This rank's image order for an epoch: a function of (seed, epoch, rank, world size).
+
+    ``sampler="random"``: ``DistributedSampler``'s seeded shuffle. ``"balanced"``: the
+    class-balanced draw with replacement of :func:`cdft_core.training.balance.balanced_draw`
+    (needs each image's ``labels``), shared out exactly as the shuffle is (:func:`shard`).
+    """
+    if sampler == "balanced":
+        if labels is None or len(labels) != len(dataset):
+            raise ValueError("the balanced sampler needs the label of every training image")
+        indices = shard(balanced_draw(labels, seed=seed, epoch=epoch), rank, world_size)
+    else:
+        distributed = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                         drop_last=False)
+        distributed.set_epoch(epoch)
+        indices = list(distributed)
     return indices[:max_images] if max_images else indices
 
 
-def steps_per_epoch(images: int, world_size: int, batch_size: int, max_steps: int | None) -> int:
-    steps = math.ceil(math.ceil(images / world_size) / batch_size)
+def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s share of an epoch's ``indices``, as ``DistributedSampler`` shares its
+    shuffle: padded with the first indices to a multiple of ``world_size``, then every
+    ``world_size``-th from position ``rank`` (the shares partition the padded list)."""
+    items = list(indices)
+    total = math.ceil(len(items) / world_size) * world_size
+    while len(items) < total:
+        items += items[: total - len(items)]
+    return items[rank:total:world_size]
+
+
+def steps_per_epoch(images: int, world_size: int, batch_size: int, max_steps: int | None, accumulate: int = 1) -> int:
+    """Optimizer steps of an epoch: ``accumulate`` batches of ``batch_size`` each (the last may be short)."""
+    steps = math.ceil(math.ceil(math.ceil(images / world_size) / batch_size) / accumulate)
     return min(steps, max_steps) if max_steps else steps
 
 

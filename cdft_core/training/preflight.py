@@ -45,11 +45,13 @@ if TYPE_CHECKING:
 def preflight(config: RunConfig) -> tuple[Strategy, str]:
     """Resolve every name and option through the registry; returns (strategy, adapter name)."""
     from cdft_core.data.options import build_dataset
+    from cdft_core.data.transforms import check_augment
     from cdft_core.registry import get_registry
     from cdft_core.strategy import build_strategy, check_adapter
 
     registry = get_registry()
     build_dataset(config.dataset, config.dataset_options, registry)
+    check_augment(config.augment)  # paper+hed without scikit-image: the extra to install, before any work
     registry.get("backbone", config.backbone)
     strategy = build_strategy(config.strategy, config.strategy_options, registry=registry)
     adapter = config.adapter or strategy.default_adapter

@@ -13,7 +13,8 @@ The story, top to bottom (:func:`run_probe`):
    backbone), initialised as ``cdft run`` initialises it; the pooled features of the
    train, val and test images from the feature cache (:mod:`cdft_core.training.frozen`).
    Training images are seen as evaluation sees them (augmentation off: one view, exact),
-   or with ``--train-views N`` as N stored augmented views, epoch *e* on view *e* mod N.
+   or with ``--train-views N`` as N stored augmented views (``--augment``'s pipeline), epoch
+   *e* on view *e* mod N.
 2. The sweep (:func:`sweep`): every head starts from the model's head; Adam exactly as
    ``torch.optim.Adam`` (L2 weight decay, per head), the recipe's schedule (warm-up, then
    cosine, per step), batches of ``batch_size`` in ``cdft run``'s order of the images
@@ -175,10 +176,11 @@ def run_probe(config: RunConfig, lrs: Sequence[float], weight_decays: Sequence[f
     stored = {name: eval_features(source, name, evaluation[name], getattr(splits, name)["image_path"].tolist(),
                                   batch, workers) for name in ("val", "test")}
     if config.train_views:
-        augmented = SeededAugmentation(ImageDataset(splits.root, splits.train, train_transform(model.data_config),
-                                                    cache), config.seed)
+        augmented = SeededAugmentation(ImageDataset(splits.root, splits.train,
+                                                    train_transform(model.data_config, config.augment), cache),
+                                       config.seed)
         views = view_features(source, augmented, splits.train["image_path"].tolist(), views=config.train_views,
-                              seed=config.seed, batch_size=batch, num_workers=workers)
+                              seed=config.seed, batch_size=batch, num_workers=workers, augment=config.augment)
         train_store, train_y = views.store, views.labels
     else:
         plain = eval_features(source, "train", evaluation["train"], splits.train["image_path"].tolist(), batch, workers)

@@ -83,15 +83,17 @@ def log_input_grid(run: Run) -> None:
     run.tb.input_grid("inputs/augmented", images, [name for _, name in picks], config["mean"], config["std"], 0)
 
 
-def save_best(run: Run, index: int) -> None:
+def save_best(run: Run, index: int, weights: Mapping[str, torch.Tensor] | None = None) -> None:
     """This stage's best-validation weights (kept in memory on every rank for the stage's
-    test evaluation) and their file with the validation metrics (rank 0)."""
+    test evaluation) and their file with the validation metrics (rank 0). ``weights``: what
+    was validated when it is not the model's own state (``--ema``: the average's)."""
     progress, stages = run.progress, run.strategy.stages
-    run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+    weights = weights if weights is not None else run.model.state_dict()
+    run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
     if not run.dist.is_main:
         return
     directory = stage_dir(run, index)
-    save_model(run.rundir, f"{directory}/best.safetensors", run.model.state_dict(), {
+    save_model(run.rundir, f"{directory}/best.safetensors", weights, {
         "cdft_spec": run.model.spec, "cdft_config": run.config.to_dict(), "cdft_classes": run.splits.classes,
         "cdft_stage": stages[index].name, "cdft_stage_index": index + 1, "cdft_epoch": progress.best_epoch,
     })
@@ -129,8 +131,10 @@ def best_weights(run: Run, index: int) -> dict[str, torch.Tensor]:
     return {k: v.to(run.dist.device) for k, v in weights.items()}
 
 
-def save_checkpoint(run: Run, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
-    """A complete resumable state (every rank's RNG and running sums included), the metrics and the log (rank 0)."""
+def save_checkpoint(run: Run, optimizer: torch.optim.Optimizer, scaler: Any,
+                    ema: Mapping[str, torch.Tensor] | None = None) -> None:
+    """A complete resumable state (every rank's RNG and running sums, the ``--ema`` average
+    included), the metrics and the log (rank 0)."""
     progress = run.progress
     per_rank = all_gather_objects((capture_rng(), progress.epoch_sums), run.dist)
     if run.dist.is_main:
@@ -138,7 +142,7 @@ def save_checkpoint(run: Run, optimizer: torch.optim.Optimizer, scaler: Any) -> 
                                 progress.elapsed + time.time() - run.started)
         save_resume(run.rundir, tag=resume_tag(progress.stage_index, progress.epoch, progress.step),
                     model_state=run.model.state_dict(), optimizer_state=optimizer.state_dict(),
-                    rng_states=[rng for rng, _ in per_rank], progress=state)
+                    rng_states=[rng for rng, _ in per_rank], progress=state, ema_state=ema)
         write_logs(run)
     barrier(run.dist)
 
@@ -156,6 +160,8 @@ def stage_result(run: Run, index: int, epochs: int) -> dict[str, Any]:
         "index": index + 1, "name": stage.name, "epochs": epochs, "lr": run.config.lr * stage.lr_factor,
         "init": stage.init, "best_epoch": progress.best_epoch, "val": progress.best_val, "test": progress.best_test,
         "checkpoint": f"{stage_dir(run, index)}/best.safetensors",
+        # --patience: the epochs it trained, fewer than `epochs` when it stopped early
+        "epochs_run": progress.epoch, "stopped_early": progress.epoch < epochs,
     }
 
 
@@ -184,6 +190,7 @@ def write_summary(run: Run) -> dict[str, Any] | None:
         "classes": run.splits.classes,
         "images": {"train": len(run.splits.train), "val": len(run.splits.val), "test": len(run.splits.test)},
         "world_size": run.dist.world_size,
+        "effective_batch": effective_batch(run),
         # epochs of frozen stages trained on N stored augmented views, cycled: an approximation (None: fresh every epoch)
         "train_views": run.config.train_views,
         "best_stage": final["name"],
@@ -239,15 +246,27 @@ def run_hparams(run: Run) -> dict[str, Any]:
         "lr": config.lr,
         "weight_decay": config.weight_decay,
         "batch_size": config.batch_size,
+        "accumulate": config.accumulate,
+        "effective_batch": effective_batch(run),
         "world_size": run.dist.world_size,
         "epochs": config.epochs,
         "total_epochs": sum(stage.epochs or config.epochs for stage in stages),
         "warmup_epochs": config.warmup_epochs,
         "warmup_start_factor": config.warmup_start_factor,
         "max_steps_per_epoch": config.max_steps_per_epoch,
+        "augment": config.augment,
         "train_views": config.train_views,
+        "class_weights": None if config.class_weights == "none" else config.class_weights,  # unset: left out
+        "sampler": config.sampler,
+        "patience": config.patience,
+        "ema": config.ema,
         "seed": config.seed,
         "precision": run.precision,
         "device": torch.device(run.dist.device).type,
         "sync_batchnorm": config.sync_batchnorm,
     }
+
+
+def effective_batch(run: Run) -> int:
+    """Images per optimizer step: batch size × ``accumulate`` × processes."""
+    return run.config.batch_size * run.config.accumulate * run.dist.world_size

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from cdft_core.data.splits import Splits
     from cdft_core.models.model import CdftModel
     from cdft_core.strategy import Strategy
+    from cdft_core.training.ema import StageEma
     from cdft_core.training.frozen import FrozenFeatures
     from cdft_core.training.loaders import SeededAugmentation
     from cdft_core.training.tensorboard_log import TensorBoardLog
@@ -48,14 +49,34 @@ class Progress:
     best_epoch: int | None = None
     best_val: dict | None = None  # validation metrics at the best epoch
     best_test: dict | None = None  # test metrics at the best epoch
+    improved_epoch: int | None = None  # the stage's last epoch whose validation accuracy beat every earlier one
     epoch_sums: dict = field(default_factory=dict)  # this rank's running train loss/accuracy of the epoch in progress
     stages: list = field(default_factory=list)  # results of the finished stages
     elapsed: float = 0.0  # seconds of training before this process started
 
     def start_stage(self, index: int) -> None:
         self.stage_index, self.epoch, self.step = index, 0, 0
-        self.best_accuracy = self.best_epoch = self.best_val = self.best_test = None
+        self.best_accuracy = self.best_epoch = self.best_val = self.best_test = self.improved_epoch = None
         self.epoch_sums = {}
+
+    def note_validation(self, val: dict, epoch: int) -> bool:
+        """Record epoch ``epoch``'s (0-based) validation metrics; True when they are the best
+        so far. The best rule is ``>=`` (a tie moves the best to the later epoch); for
+        ``--patience`` only a strictly higher accuracy counts as an improvement, so a
+        plateau of equal accuracies ends the stage."""
+        accuracy = val["accuracy"]
+        if self.best_accuracy is None or accuracy > self.best_accuracy:
+            self.improved_epoch = epoch + 1
+        is_best = self.best_accuracy is None or accuracy >= self.best_accuracy
+        if is_best:
+            self.best_accuracy, self.best_epoch, self.best_val = accuracy, epoch + 1, val
+        return is_best
+
+    def stage_done(self, epochs: int, patience: int | None) -> bool:
+        """Whether the stage has trained all it will: its ``epochs``, or ``patience`` epochs
+        without an improvement (:meth:`note_validation`)."""
+        waited = self.epoch - (self.improved_epoch or 0)
+        return self.epoch >= epochs or (patience is not None and self.epoch > 0 and waited >= patience)
 
     def record(self, rank_sums: list[dict], scaler: dict | None, elapsed: float) -> dict[str, Any]:
         """The JSON record a resume state stores: this progress, every rank's running sums, the scaler."""
@@ -74,6 +95,7 @@ class SavedState:
     rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]  # one entry per rank
     epoch_sums: list[dict]  # one entry per rank
     progress: Progress
+    ema: dict[str, torch.Tensor] | None = None  # the interrupted stage's --ema average
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any]) -> SavedState:
@@ -82,7 +104,7 @@ class SavedState:
         return cls(
             model=state["model"], optimizer=state["optimizer"], scaler=record.get("scaler"), rng=state["rng"],
             epoch_sums=list(record.get("epoch_sums") or []),
-            progress=Progress(**{k: v for k, v in record.items() if k in known}),
+            progress=Progress(**{k: v for k, v in record.items() if k in known}), ema=state.get("ema"),
         )
 
 
@@ -117,14 +139,16 @@ class Run:
     after_step: StepHook | None = None  # test-only fault injection (cdft_core.training.faults)
     saved_optimizer: dict | None = None  # the interrupted stage's optimizer state, for its builder
     saved_scaler: dict | None = None
+    saved_ema: dict | None = None  # the interrupted stage's moving average (--ema)
     best_weights: dict | None = None  # the stage's best-validation weights (for its test evaluation)
     loaders: RunLoaders = field(default_factory=RunLoaders)  # reused every epoch: their workers persist
     features: FrozenFeatures | None = None  # a frozen stage's stored backbone outputs (cdft_core.training.frozen)
 
-    def take_saved(self) -> tuple[dict | None, dict | None]:
-        """The saved optimizer and scaler state, once: the stage resumed in gets them, later stages None."""
-        saved = self.saved_optimizer, self.saved_scaler
-        self.saved_optimizer = self.saved_scaler = None
+    def take_saved(self) -> tuple[dict | None, dict | None, dict | None]:
+        """The saved optimizer, scaler and moving-average state, once: the stage resumed in gets
+        them, later stages None."""
+        saved = self.saved_optimizer, self.saved_scaler, self.saved_ema
+        self.saved_optimizer = self.saved_scaler = self.saved_ema = None
         return saved
 
 
@@ -191,6 +215,8 @@ class StageRun:
     model: torch.nn.Module  # what trains: the model, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
+    ema: StageEma | None = None  # --ema: the average of the trainable weights
+    class_weights: torch.Tensor | None = None  # --class-weights balanced: the training loss's weights
 
     @property
     def total_steps(self) -> int:
