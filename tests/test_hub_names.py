@@ -318,3 +318,24 @@ def test_weight_source_is_the_one_choice_of_every_builder(cache, tmp_path, monke
     assert build_model("test_vit", "none", 2, pretrained=False).spec["weights"] == "random init"
     foundation.build_foundation_backbone("uni", pretrained=False, device="meta")
     assert calls == [NAME, "test_vit.r160_in1k", "uni"]
+
+
+def test_a_checkpoint_rebuilds_from_its_recorded_config_without_hub_or_cache(cache, tmp_path):
+    import shutil
+
+    from cdft_core.models import hub_config
+
+    published = random_state()
+    publish(cache, state=published)
+    model = build_model(NAME, "none", num_classes=3)
+    assert model.spec["hub_config"]["architecture"] == "test_vit" and model.spec["hub_config"]["snapshot"] == COMMIT
+    shutil.rmtree(cache)  # evaluated elsewhere: no hub, no cache
+    hub_config._MEMO.clear()
+    rebuilt = model_from_spec(json.loads(json.dumps(model.spec)))  # as a checkpoint's metadata stores it
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(model.eval()(x), rebuilt.eval()(x))
+    assert rebuilt.data_config["mean"] == model.data_config["mean"]
+    hub_config._MEMO.clear()
+    code, _, err = invoke("show", "backbone", NAME)  # the name alone still needs its config.json
+    assert code == 2 and "not in the local Hugging Face cache" in one_error_line(err)

@@ -141,6 +141,35 @@ def hub_config(name: str) -> HubConfig:
     return _MEMO[key]
 
 
+def recorded_config(hub: HubConfig) -> dict[str, Any]:
+    """What a checkpoint's model spec keeps of ``hub`` (JSON): enough to rebuild the architecture."""
+    from cdft_core.text import jsonable
+
+    return jsonable({"architecture": hub.architecture, "model_args": dict(hub.model_args),
+                     "pretrained_cfg": dict(hub.pretrained_cfg), "snapshot": hub.snapshot})
+
+
+def remember_recorded(name: str, recorded: Mapping[str, Any]) -> None:
+    """Use a checkpoint's recorded config for ``name`` in this process, instead of the hub's or the cache's.
+
+    A checkpoint is evaluated (``cdft eval``, ``predict``, ``export``...) on machines that may
+    have neither the hub nor the repo in their cache; and the repo's config.json may have
+    changed since. The architecture the tensors were trained in is the recorded one.
+    """
+    repo_id, revision = split_hub_name(name)
+    architecture, model_args, pretrained_cfg = parse_config(
+        {"architecture": recorded.get("architecture"), "model_args": recorded.get("model_args") or {},
+         "pretrained_cfg": recorded.get("pretrained_cfg") or {}}, name, "the checkpoint's model spec")
+    pretrained_cfg.update({k: v for k, v in (recorded.get("pretrained_cfg") or {}).items()
+                           if k in ("hf_hub_id", "source", "architecture")})
+    path = "(recorded in the checkpoint)"
+    if recorded.get("snapshot"):
+        path = f"snapshots/{recorded['snapshot']}/{CONFIG_FILE} (recorded in the checkpoint)"
+    key = (name, hf_cache_dir(), hub_offline(), hub_endpoint())
+    _MEMO[key] = HubConfig(name, repo_id, revision, architecture, model_args, pretrained_cfg, path, "checkpoint",
+                           gated=False)
+
+
 def _locate_config(name: str, repo_id: str, revision: str | None, gated: bool) -> tuple[str, str, bool]:
     """(local path, "hub" or "cache", gated) of the repo's config.json, or the one-line error."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache

@@ -184,6 +184,10 @@ def build_model(
         "dim": int(bb.dim),
         "num_tokens": num_tokens,
     }
+    if getattr(bb, "hub_config", None) is not None:  # an hf-hub: name: rebuilt from this, no hub or cache needed
+        from cdft_core.models.hub_config import recorded_config
+
+        spec["hub_config"] = recorded_config(bb.hub_config)
     return CdftModel(bb, ad, head, data_config=data_config, spec=spec)
 
 
@@ -198,6 +202,10 @@ def model_from_spec(spec: Mapping[str, Any], registry: Any = None) -> CdftModel:
         raise CdftError(f"model spec lacks {', '.join(missing)}; the checkpoint was not written by cdft")
     if int(spec.get("format", SPEC_FORMAT)) > SPEC_FORMAT:
         raise CdftError(f"model spec format {spec['format']} is newer than this cdft understands ({SPEC_FORMAT}); upgrade cdft")
+    if isinstance(spec.get("hub_config"), Mapping):
+        from cdft_core.models.hub_config import remember_recorded
+
+        remember_recorded(str(spec["backbone"]), spec["hub_config"])
     model = build_model(
         spec["backbone"],
         spec["adapter"],
