@@ -29,7 +29,8 @@ _DICT_OPTIONS = {"dataset_options": "--dataset-option", "adapter_options": "--ad
 _METAVARS = {"data_root": "DIR|URL", "split_file": "CSV", "weights": "FILE", "output": "DIR|URL", "runs_dir": "DIR",
              "dataset": "NAME", "backbone": "NAME", "adapter": "NAME", "strategy": "NAME", "protocol": "NAME",
              "optimizer": "NAME", "device": "NAME", "precision": "NAME", "num_workers": "N|auto", "cache_dir": "DIR",
-             "augment": "paper|paper+hed|none"}
+             "augment": "paper|paper+hed|none", "class_weights": "none|balanced", "sampler": "random|balanced",
+             "accumulate": "N", "patience": "N", "ema": "DECAY"}
 #: the launcher options (handed to torchrun, not to the workers)
 LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_backend")
 
