@@ -74,6 +74,40 @@ def test_auto_targets_are_attention_and_mlp_of_a_vit_and_pointwise_layers_of_a_c
     assert all(resnet.get_submodule(n).kernel_size == (1, 1) for n in lora_targets(resnet))
 
 
+def test_multihead_attention_is_adapted_as_a_whole_and_merges_back():
+    """open_clip's ViTs use nn.MultiheadAttention, whose out_proj is read as a tensor, not called."""
+    from peft.tuners.lora import LoraLayer
+
+    from cdft_core.models.lora import ADAPTER_NAME, lora_targets, merge_lora
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+
+        def forward(self, x):
+            return self.mlp(self.attn(x, x, x, need_weights=False)[0])
+
+    import peft
+
+    torch.manual_seed(0)
+    block = Block()
+    assert lora_targets(block) == ["attn", "mlp.0", "mlp.2"]  # not attn.out_proj on its own
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=lora_targets(block)), block,
+                                 adapter_name=ADAPTER_NAME)
+    assert isinstance(block.attn, LoraLayer)
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            if ".lora_B." in name:
+                param.normal_()
+    x = torch.randn(2, 5, 16)
+    before = block.eval()(x)
+    assert merge_lora(block) == 4  # peft adapts the attention and, inside it, its out_proj
+    assert not any(isinstance(m, LoraLayer) for m in block.modules())
+    torch.testing.assert_close(block(x), before, rtol=1e-4, atol=1e-5)
+
+
 def test_named_targets_match_suffixes_and_unknown_names_are_one_line():
     from cdft_core.errors import UsageError
     from cdft_core.models.lora import lora_targets
