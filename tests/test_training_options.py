@@ -35,7 +35,7 @@ from cdft_core.training.balance import balanced_draw, balanced_weights, loss_wei
 from cdft_core.training.ema import StageEma, with_average
 from cdft_core.training.loaders import shard, steps_per_epoch, train_order
 from cdft_core.training.state import Progress
-from cdft_core.training.step import backward_step, loss_shares, step_batches
+from cdft_core.training.step import backward_step, image_loss, loss_shares, step_batches
 
 _CACHE: dict[str, Path] = {}
 
@@ -117,11 +117,28 @@ def test_steps_count_optimizer_steps():
     assert list(step_batches(range(4), 1)) == [[0], [1], [2], [3]]
 
 
-def test_shares_are_images_or_class_weight_over_the_step():
+def test_shares_are_images_over_the_step():
     labels = [torch.tensor([0, 1, 1]), torch.tensor([2])]
-    assert loss_shares(labels, None) == [0.75, 0.25]
-    assert loss_shares(labels, torch.tensor([1.0, 2.0, 5.0])) == pytest.approx([5 / 10, 5 / 10])
-    assert loss_shares(labels[:1], torch.tensor([1.0, 2.0, 5.0])) == [1.0]
+    assert loss_shares(labels) == [0.75, 0.25]
+    assert loss_shares(labels[:1]) == [1.0]
+
+
+def test_class_weighted_loss_is_the_plain_mean_so_batch_mix_and_ranks_do_not_cancel_it():
+    """w_y·CE averaged over images: a one-class batch still feels its weight, and two ranks'
+    halves average (as DDP does) to the whole batch's loss and gradient."""
+    weights = torch.tensor([0.5, 2.0, 1.0])
+    logits = torch.randn(8, 3, requires_grad=True)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    one_class = image_loss(logits[:4], labels[:4], weights)
+    assert one_class.item() == pytest.approx(0.5 * F.cross_entropy(logits[:4], labels[:4]).item(), rel=1e-6)
+    whole = image_loss(logits, labels, weights)
+    (grad_whole,) = torch.autograd.grad(whole, logits)
+    halves = [image_loss(logits[i::2], labels[i::2], weights) for i in (0, 1)]  # rank r takes every 2nd image
+    (grad_ranks,) = torch.autograd.grad((halves[0] + halves[1]) / 2, logits)
+    torch.testing.assert_close(grad_ranks, grad_whole)
+    balanced = sum(F.cross_entropy(logits[labels == c], labels[labels == c]) for c in range(3)) / 3
+    inverse = 8 / (3 * torch.bincount(labels).float())  # the balanced weights of this batch's counts
+    assert image_loss(logits, labels, inverse).item() == pytest.approx(balanced.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("weights", [None, torch.tensor([0.5, 2.0, 1.0])])
@@ -138,7 +155,7 @@ def test_accumulated_micro_batches_take_the_step_of_one_batch(weights):
         batches = list(zip(torch.split(inputs, splits), torch.split(labels, splits), strict=True))
         result = backward_step(model, optimizer, batches, device=torch.device("cpu"), channels_last=False,
                                precision="fp32", scaler=None, class_weights=weights)
-        expected = F.cross_entropy(model(inputs), labels, weight=weights).item()  # the weighted mean over all 7
+        expected = image_loss(model(inputs), labels, weights).item()  # the mean over all 7
         assert result.loss == pytest.approx(expected, rel=1e-6)
         assert result.count == 7
         grads.append([p.grad.clone() for p in model.parameters()])

@@ -48,13 +48,16 @@ def loss_weights(option: str, labels: Sequence[int], classes: Sequence[str],
     if option == UNWEIGHTED:
         return None
     weights = balanced_weights(labels, len(classes))
+    counts = class_counts(labels, len(classes))
     if log is not None:
-        absent = [name for name, n in zip(classes, class_counts(labels, len(classes)), strict=True) if not n]
+        absent = [name for name, n in zip(classes, counts, strict=True) if not n]
         log("class weights (balanced, training loss only): "
             + ", ".join(f"{name} {float(w):.4g}" for name, w in zip(classes, weights, strict=True)))
         if absent:
             log(f"warning: the training split has no image of {', '.join(absent)}; weight 0, the model cannot "
                 f"learn {'it' if len(absent) == 1 else 'them'}")
+    if all(float(w) == 1.0 for w, n in zip(weights, counts, strict=True) if n):
+        return None  # a balanced training split: the unweighted loss, bit for bit
     return weights
 
 

@@ -1,15 +1,23 @@
 """One optimizer step over ``--accumulate N`` micro-batches of ``--batch-size`` images.
 
 The gradients of the micro-batches add up before the one optimizer (and grad-scaler) step.
-Each micro-batch's mean loss is weighted by its share of the step's images — with
-``--class-weights``, its share of the step's total class weight, the denominator of a
-weighted mean — so the step minimises exactly the mean loss over all of its images: batch
-4 × accumulate 2 takes the step batch 8 takes (up to float rounding), and a short last step
-is still the mean over the images it has. With one micro-batch the share is exactly 1 and
-the step is the plain one, bit for bit.
+Each micro-batch's mean loss is weighted by its share of the step's images, so the step
+minimises exactly the mean loss over all of its images: batch 4 × accumulate 2 takes the
+step batch 8 takes (up to float rounding), and a short last step is still the mean over the
+images it has. With one micro-batch the share is exactly 1 and the step is the plain one,
+bit for bit.
+
+With ``--class-weights`` an image's loss is its cross-entropy times its class's weight, and
+the step takes the plain mean of those over its images (:func:`image_loss`) — not
+PyTorch's weighted mean, which divides by the batch's sum of weights. The plain mean is an
+unbiased estimate of the class-balanced loss, (1/K)·Σ_c (mean loss of class c), whatever
+classes a batch happens to hold; the weighted mean depends on each batch's mix and ignores
+the weights altogether for a batch of one class (batch size 1, or one class per rank).
 
 Under DDP the micro-batches before the last run inside ``model.no_sync()``: the gradients
-are all-reduced once per step, as DDP's own documentation describes accumulation.
+are all-reduced once per step, as DDP's own documentation describes accumulation. Every
+rank's share of a step has the same number of images (the sampler pads), so DDP's average
+of the ranks' means is the mean over the step's images on all ranks, weights included.
 """
 
 from __future__ import annotations
@@ -41,19 +49,25 @@ def step_batches(batches: Iterable[Batch], accumulate: int) -> Iterator[list[Bat
         yield group
 
 
-def loss_shares(labels: Sequence[torch.Tensor], weights: torch.Tensor | None) -> list[float]:
-    """Each micro-batch's share of its step's loss denominator: its images over the step's, or,
-    with class weights, the sum of its images' weights over the step's (exactly 1.0 for one)."""
-    sizes = [float(weights[batch].sum()) if weights is not None else float(batch.numel()) for batch in labels]
+def loss_shares(labels: Sequence[torch.Tensor]) -> list[float]:
+    """Each micro-batch's share of its step's images (exactly 1.0 for one micro-batch)."""
+    sizes = [float(batch.numel()) for batch in labels]
     total = sum(sizes)
     return [size / total for size in sizes]
+
+
+def image_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean over the batch of each image's cross-entropy, times its class weight when given."""
+    if weights is None:
+        return F.cross_entropy(logits, labels)
+    return (F.cross_entropy(logits, labels, reduction="none") * weights[labels]).mean()
 
 
 @dataclass
 class StepResult:
     """What one optimizer step saw, for the epoch's running sums and the log."""
 
-    loss: float  # the loss the step minimised (the weighted mean over its images)
+    loss: float  # the loss the step minimised (the mean over its images, class weights applied)
     loss_sum: float  # sum over its micro-batches of mean loss × images (the epoch's train loss sums these)
     correct: int
     count: int
@@ -65,7 +79,7 @@ def backward_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
     """Zero the gradients, then forward and backward every micro-batch of one step (``model``
     may be the DDP wrapper); :func:`optimizer_step` applies them."""
     optimizer.zero_grad(set_to_none=True)
-    shares = loss_shares([labels for _, labels in batches], class_weights)
+    shares = loss_shares([labels for _, labels in batches])
     weights = class_weights.to(device) if class_weights is not None else None
     step_loss, loss_sum, correct, count = 0.0, 0.0, 0, 0
     for position, ((inputs, labels), share) in enumerate(zip(batches, shares, strict=True)):
@@ -75,7 +89,7 @@ def backward_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
         with model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext():
             with autocast(precision, device):
                 logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), labels, weight=weights)
+            loss = image_loss(logits.float(), labels, weights)
             scaled = loss if share == 1.0 else loss * share
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         value = loss.item()
