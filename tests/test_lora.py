@@ -115,6 +115,9 @@ def test_named_targets_match_suffixes_and_unknown_names_are_one_line():
     model = _tiny("test_vit").backbone.model
     assert lora_targets(model, "qkv") == [f"blocks.{i}.attn.qkv" for i in range(len(model.blocks))]
     assert len(lora_targets(model, "qkv, fc2")) == 2 * len(model.blocks)
+    with_proj = lora_targets(model, "qkv,proj")  # the documented example: attention only, not the patch embedding
+    assert "patch_embed.proj" not in with_proj and len(with_proj) == 2 * len(model.blocks)
+    assert lora_targets(model, "patch_embed.proj") == ["patch_embed.proj"]  # a full name reaches it on purpose
     with pytest.raises(UsageError, match="'attention' matches no linear.*layers end in e.g."):
         lora_targets(model, "attention")
 
@@ -317,3 +320,31 @@ def test_strategies_without_a_model_change_leave_the_spec_alone():
     model = _tiny("test_vit")
     change_model(model, build_strategy("frt"), "frt", {})
     assert "strategy" not in model.spec and merge_change(model) is False
+
+
+def test_the_memory_check_counts_lora_activations_through_the_frozen_backbone():
+    """LoRA trains no base weight, but its backward runs through every block: the floor keeps
+    every block's output per image, as full fine-tuning does (parameters at frozen cost)."""
+    from cdft_core.strategy import build_strategy
+    from cdft_core.training.preflight import input_cost, needed_bytes, trains_backbone
+
+    cost = input_cost("test_vit", 64)
+    lora, full, frt = (build_strategy(name) for name in ("lora", "full", "frt"))
+    assert not trains_backbone(lora, cost) and lora.change_model is not None
+
+    def floor(strategy, backward):
+        return needed_bytes(cost, batch_size=32, eval_batch_size=8, trains=trains_backbone(strategy, cost),
+                            value_bytes=4, backward=backward)
+
+    with_lora = floor(lora, backward=True)
+    assert floor(frt, backward=False) < with_lora < floor(full, backward=True)
+    assert with_lora - floor(frt, backward=False) == 32 * 4 * (cost.block_values - 2 * cost.largest_block)
+    from cdft_core.config import RunConfig
+    from cdft_core.errors import UsageError
+    from cdft_core.training.preflight import check_memory
+
+    between = (floor(frt, backward=False) + with_lora) // 2
+    config = RunConfig(backbone="test_vit", image_size=64, batch_size=32, eval_batch_size=8, precision="fp32")
+    check_memory(config, frt, "cpu", cost=cost, available=(between, "test memory"))
+    with pytest.raises(UsageError, match="--batch-size 32 needs at least"):
+        check_memory(config, lora, "cpu", cost=cost, available=(between, "test memory"))

@@ -57,18 +57,20 @@ def lora_targets(module: nn.Module, target_modules: str | Sequence[str] | None =
     """The full names (inside ``module``) of the layers LoRA adapts.
 
     ``auto``/None: see the module docstring. Otherwise names or name suffixes, as a list or
-    a comma-separated string (``qkv,fc1``); each must match at least one adaptable layer
-    (``nn.Linear``, ``nn.Conv2d``, ``nn.MultiheadAttention``), or the error lists some.
-    Full names are returned because peft also matches suffixes: ``proj`` would otherwise
-    reach a ViT's ``patch_embed.proj`` as well as its attention projections.
+    a comma-separated string (``qkv,fc1``); each must match at least one adaptable layer, or
+    the error lists some. A suffix (``proj``) selects among the layers ``auto`` would choose
+    (linear, 1×1 convolution, attention), so it does not reach a ViT's ``patch_embed.proj``;
+    a layer's full name (``patch_embed.proj``) selects any ``nn.Linear``, ``nn.Conv2d`` or
+    ``nn.MultiheadAttention``. Full names are returned because peft matches suffixes itself.
     """
     inside_attention = {f"{name}.{child}" for name, m in module.named_modules()
                         if isinstance(m, nn.MultiheadAttention) for child, _ in m.named_modules() if child}
     layers = {name: m for name, m in module.named_modules()
               if name and name not in inside_attention and isinstance(m, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))}
+    pointwise = [name for name, m in layers.items()
+                 if not isinstance(m, nn.Conv2d) or (tuple(m.kernel_size) == (1, 1) and m.groups == 1)]
     if target_modules is None or target_modules == "auto":
-        chosen = [name for name, m in layers.items()
-                  if not isinstance(m, nn.Conv2d) or (tuple(m.kernel_size) == (1, 1) and m.groups == 1)]
+        chosen = pointwise
         if not chosen:
             raise UsageError("LoRA found no linear, 1x1 convolution or attention layer in the backbone; "
                              "name the layers with --strategy-option target_modules=NAME,NAME")
@@ -80,7 +82,10 @@ def lora_targets(module: nn.Module, target_modules: str | Sequence[str] | None =
         raise UsageError("strategy option target_modules is empty; give layer names such as qkv,fc1 or auto")
     chosen = []
     for target in wanted:
-        matches = [name for name in layers if name == target or name.endswith("." + target)]
+        # a suffix reaches the layers auto would (so `proj` is not a ViT's patch_embed.proj);
+        # a full name reaches any adaptable layer, a patch embedding or a 3x3 convolution too
+        matches = [name for name in layers if name == target] or [
+            name for name in pointwise if name.endswith("." + target)]
         if not matches:
             examples = sorted({name.rsplit(".", 1)[-1] for name in layers})[:8]
             raise UsageError(f"strategy option target_modules: {target!r} matches no linear, convolution or attention "

@@ -16,7 +16,9 @@ a stage trains the backbone: fp32 weights, gradients, Adam's two moments; else 4
 per image of a training batch, the output of every block of the backbone (each module
 with parameters inside an ``nn.Sequential``/``nn.ModuleList``: a ViT's blocks, a ConvNeXt's
 stages, blocks and stem), which its backward pass must keep; 4 bytes a value in fp32, 2 in
-bf16/fp16. A stage with a frozen backbone keeps none: then, and for evaluation (no
+bf16/fp16 — also when only parameters a strategy added train (LoRA: its backward runs
+through every block, while the frozen base weights take 4 bytes each). A stage with a
+frozen backbone keeps none: then, and for evaluation (no
 gradients, the evaluation batch), two block outputs at a time. Real training keeps
 several times more (attention, MLP and normalisation inputs), so the check never refuses
 a run that could fit (ViT-B/16 or ConvNeXt-B at 224 px, batch 32, fp32: under 3 GiB); it
@@ -256,10 +258,16 @@ def trains_backbone(strategy: Strategy, cost: InputCost) -> bool:
     return False
 
 
-def needed_bytes(cost: InputCost, *, batch_size: int, eval_batch_size: int, trains: bool, value_bytes: int) -> int:
-    """The floor of one process's memory for this backbone and batch (see the module docstring)."""
+def needed_bytes(cost: InputCost, *, batch_size: int, eval_batch_size: int, trains: bool, value_bytes: int,
+                 backward: bool | None = None) -> int:
+    """The floor of one process's memory for this backbone and batch (see the module docstring).
+
+    ``trains``: the backbone's own parameters train; ``backward``: a backward pass runs through
+    the backbone (default: ``trains``; also true when a strategy adds trained layers inside it).
+    """
+    backward = trains if backward is None else backward
     params = cost.parameter_count * (TRAINED_PARAM_BYTES if trains else FROZEN_PARAM_BYTES)
-    train = batch_size * (cost.block_values if trains else 2 * cost.largest_block)
+    train = batch_size * (cost.block_values if backward else 2 * cost.largest_block)
     evaluation = eval_batch_size * 2 * cost.largest_block
     return params + max(train, evaluation) * value_bytes
 
@@ -327,11 +335,12 @@ def check_memory(config: RunConfig, strategy: Strategy, device: str, *, cost: In
         return
     free, where = available
     trains = trains_backbone(strategy, cost)
+    backward = trains or strategy.change_model is not None  # e.g. LoRA inside the frozen backbone
     value_bytes = 2 if resolve_precision(config.precision, "cuda" if device.startswith("cuda") else "cpu") in ("bf16", "fp16") else 4
 
     def need(c: InputCost, batch: int = config.batch_size) -> int:
         return needed_bytes(c, batch_size=batch, eval_batch_size=config.eval_batch_size or 2 * batch,
-                            trains=trains, value_bytes=value_bytes)
+                            trains=trains, value_bytes=value_bytes, backward=backward)
 
     needed = need(cost)
     if needed <= free:
