@@ -193,7 +193,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value in choices:
         return
     meant = _MEANT.get(str(value).lower())
-    close = [meant] if meant in choices else difflib.get_close_matches(str(value), choices, n=1)
+    close = [meant] if meant in choices else difflib.get_close_matches(str(value).lower(), choices, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise UsageError(f"{_flag(name)} {_shown(value)} is not one of {', '.join(choices)}{hint}")
 
@@ -340,18 +340,9 @@ def validate(config: RunConfig) -> None:
     check_choice("augment", config.augment, AUGMENTS)
     if not config.dist_timeout > 0:
         raise UsageError(f"--dist-timeout must be positive seconds, got {config.dist_timeout}")
-    for name, choices in (("device", DEVICES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
-        value = getattr(config, name)
-        if value not in choices:
-            close = ["cuda"] if value == "gpu" else difflib.get_close_matches(str(value), choices, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise UsageError(f"--{name} {value!r} is not one of {', '.join(choices)}; {hint}".rstrip("; ").rstrip())
-    for name, choices in (("class_weights", CLASS_WEIGHTS), ("sampler", SAMPLERS)):
-        value = getattr(config, name)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise UsageError(f"{_flag(name)} {value!r} is not one of {', '.join(choices)}{hint}")
+    for name, choices in (("device", DEVICES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
+                          ("class_weights", CLASS_WEIGHTS), ("sampler", SAMPLERS)):
+        check_choice(name, getattr(config, name), choices)
     if config.ema is not None and not 0 < config.ema < 1:
         raise UsageError(f"--ema is the average's decay, in (0, 1) (e.g. 0.999), got {config.ema}")
     if config.train_views is not None and not config.feature_cache:

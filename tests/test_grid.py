@@ -241,3 +241,9 @@ def test_grid_runs_cells_keeps_going_after_a_failure_and_resumes(tmp_path_factor
 
     code, out, err = invoke("grid", path, "--cell", "0")
     assert code == 0 and "cell 0 test_vit is done: skipped" in err and "0 cell(s) ran, 1 were done already" in out
+
+
+def test_an_unset_value_names_its_cell_no_key_and_passes_no_option(tmp_path):
+    grid = load_grid(_write(tmp_path, "backbone: [a]\nema: [0.999, null]\n"))
+    assert [c.name for c in grid.cells] == ["a-ema0.999", "a-no_ema"]
+    assert "--ema" in cell_args(grid, grid.cells[0]) and "--ema" not in cell_args(grid, grid.cells[1])

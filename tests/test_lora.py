@@ -257,6 +257,23 @@ def test_export_merges_lora_into_plain_layers(tmp_path_factory, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_merge_that_changes_the_logits_writes_nothing(tmp_path_factory, tmp_path, monkeypatch):
+    import cdft_core.models.model_change as model_change
+
+    run_dir, _, _ = _lora_run(tmp_path_factory, "lora")
+
+    def bad_merge(model, *, registry=None):
+        with torch.no_grad():
+            model.head.bias.add_(1.0)  # what a wrong merge would do to the logits
+        return True
+
+    monkeypatch.setattr(model_change, "merge_change", bad_merge)
+    code, _, err = invoke("export", str(run_dir), "-o", str(tmp_path / "model.onnx"))
+    assert code == 1 and "merging the lora layers changed the logits by up to 1" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_process_lora_run_matches_one_process_evaluation(tmp_path_factory):
     root, split = engine_data(tmp_path_factory)

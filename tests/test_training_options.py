@@ -60,6 +60,8 @@ def test_a_class_without_training_images_gets_weight_zero_and_a_warning():
     assert lines[0].startswith("class weights (balanced, training loss only): a 0.75, b 0, c 1.5")
     assert "warning: the training split has no image of b" in lines[1]
     assert loss_weights("none", [0, 0, 2], ["a", "b", "c"], lines.append) is None and len(lines) == 2
+    loss_weights("balanced", [0, 0, 2], ["a", "b", "c"], lines.append, sampler="balanced")
+    assert "corrects the class imbalance twice" in lines[2]
 
 
 # -- sampler ------------------------------------------------------------------------------

@@ -194,6 +194,8 @@ def _label(key: str, value: Any) -> str:
         return PurePosixPath(str(value)).stem
     if isinstance(value, bool):
         return key if value else f"no_{key}"
+    if value is None:  # an option left unset (e.g. ema: [0.999, null]): off
+        return f"no_{key}"
     if isinstance(value, Mapping):
         return "_".join(f"{k}={v}" for k, v in value.items())
     return str(value) if key in _NAME_FIELDS else f"{key}{value}"

@@ -125,10 +125,16 @@ def export_run(target: str, output: str, fmt: str | None = None, *, tolerance: f
     model = model.float().eval()
     from cdft_core.models.model_change import merge_change
 
+    shape = tuple(int(v) for v in data_config["input_size"])
+    before = check_logits(model, shape) if model.spec.get("strategy") else None
     merged = merge_change(model)  # LoRA: W + scale·B·A in plain layers, no peft needed to run the file
     info = export_metadata(model, classes, data_config, metadata)
     if merged:
         info["merged"] = model.spec["strategy"]["name"]
+        worst = max(float((a - b).abs().max()) for a, b in zip(before, check_logits(model, shape), strict=True))
+        if not worst <= tolerance:  # the export is checked against the merged model: check the merge too
+            raise ExportMismatch(f"merging the {info['merged']} layers changed the logits by up to {worst:.3g} "
+                                 f"(tolerance {tolerance:g}); nothing was written to {output!r}")
     return export_model(model, output, fmt, info, tolerance=tolerance)
 
 
@@ -156,6 +162,13 @@ def export_model(model: torch.nn.Module, output: str, fmt: str, info: dict[str, 
         raise
     sidecar = _write_sidecar(output, info)
     return ExportResult(output, fmt, difference, tolerance, CHECK_BATCHES, sidecar, info)
+
+
+def check_logits(model: torch.nn.Module, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """``model``'s logits on the check batches :func:`max_difference` uses (the same fixed seed)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        return [model(torch.randn(batch, *shape, generator=generator)).float() for batch in CHECK_BATCHES]
 
 
 def max_difference(model: torch.nn.Module, runner: Any, shape: tuple[int, ...]) -> float:

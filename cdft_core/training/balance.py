@@ -43,10 +43,13 @@ def balanced_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
 
 
 def loss_weights(option: str, labels: Sequence[int], classes: Sequence[str],
-                 log: Callable[[str], None] | None = None) -> torch.Tensor | None:
+                 log: Callable[[str], None] | None = None, *, sampler: str = "random") -> torch.Tensor | None:
     """The training loss's class weights ``--class-weights`` asks for (None: unweighted), logged."""
     if option == UNWEIGHTED:
         return None
+    if sampler == "balanced" and log is not None:
+        log("warning: --class-weights balanced with --sampler balanced corrects the class imbalance twice "
+            "(the sampler already draws every class equally often): rare classes now outweigh common ones")
     weights = balanced_weights(labels, len(classes))
     counts = class_counts(labels, len(classes))
     if log is not None:

@@ -95,6 +95,7 @@ from cdft_core.training.predictions import best_predictions, evaluate_split, sav
 from cdft_core.training.preflight import check_memory, load_run_splits, preflight
 from cdft_core.training.records import (
     best_weights,
+    describe_effective_batch,
     effective_batch,
     interrupted_message,
     log_input_grid,
@@ -277,13 +278,13 @@ def train_stage(run: Run, index: int) -> None:
         scaler=build_scaler(run.precision, saved_scaler),
         model=wrap_ddp(model, run.dist, probe, run.precision, run.log),
         ema=StageEma(model, config.ema, saved_ema) if config.ema else None,  # from the stage's start (or saved)
-        class_weights=loss_weights(config.class_weights, run.splits.train["label"].tolist(), run.splits.classes, run.log),
+        class_weights=loss_weights(config.class_weights, run.splits.train["label"].tolist(), run.splits.classes, run.log,
+                                   sampler=config.sampler),
     )
     run.log(
         f"stage {index + 1}/{len(run.strategy.stages)} {stage.name}: {epochs} epochs x {steps} steps, "
         f"{format_rates(rates(current.optimizer))}, {trainable_count(current.optimizer):,} trainable parameters, "
-        f"effective batch {effective_batch(run)} ({config.batch_size} x {config.accumulate} accumulated x "
-        f"{run.dist.world_size} process{'es' if run.dist.distributed else ''})"
+        f"effective batch {describe_effective_batch(run)}"
         + (f", from stage {index}'s best weights" if stage.init == "best" else "")
     )
     for epoch in range(progress.epoch, epochs):

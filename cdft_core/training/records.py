@@ -270,3 +270,14 @@ def run_hparams(run: Run) -> dict[str, Any]:
 def effective_batch(run: Run) -> int:
     """Images per optimizer step: batch size × ``accumulate`` × processes."""
     return run.config.batch_size * run.config.accumulate * run.dist.world_size
+
+
+def describe_effective_batch(run: Run) -> str:
+    """The effective batch for the stage's log line, saying so when an epoch holds fewer images."""
+    config, world = run.config, run.dist.world_size
+    text = (f"{effective_batch(run)} ({config.batch_size} x {config.accumulate} accumulated x "
+            f"{world} process{'es' if world > 1 else ''})")
+    per_process = -(-len(run.data.train) // world)
+    if config.batch_size * config.accumulate > per_process:
+        text += f", at most {per_process * world} here: an epoch has {len(run.data.train)} training images"
+    return text
