@@ -158,8 +158,9 @@ def strategy_metadata(strategy: Strategy, *, trains: str, options: Iterable[str]
     """The registration metadata of a strategy, derived from the strategy its factory
     builds with default options: the default adapter and the stage names are stated once,
     on the :class:`Strategy`. ``trains`` and ``options`` describe it for ``cdft list``."""
+    changes = {"changes_model": True} if strategy.change_model is not None else {}  # e.g. LoRA layers
     return {"default_adapter": strategy.default_adapter, "stages": [s.name for s in strategy.stages],
-            "trains": trains, "options": list(options), **extra}
+            "trains": trains, "options": list(options), **changes, **extra}
 
 
 # -- label functions ---------------------------------------------------------------------

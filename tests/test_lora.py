@@ -149,7 +149,7 @@ def test_bad_options_and_a_missing_peft_are_one_line(monkeypatch):
     import builtins
 
     code, out, err = invoke("show", "strategy", "lora")
-    assert code == 0 and "rank=8" in out + err, out + err
+    assert code == 0 and "rank=8" in out + err and "changes_model: True" in out, out + err
     from cdft_core.errors import UsageError
     from cdft_core.strategy import build_strategy
 
