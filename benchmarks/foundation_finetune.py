@@ -122,8 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         from cdft_core.training.speed import configure_backends
 
         configure_backends(device)
-    rows = [measure(name, mode, batch, args, device)
-            for name in names for mode in args.modes.split(",") for batch in batches]
+    modes = args.modes.split(",")
+    if "lora" in modes:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            print("foundation_finetune: peft is not installed (pip install 'cdft[lora]'): the lora rows are skipped",
+                  file=sys.stderr)
+            modes.remove("lora")
+    rows = [measure(name, mode, batch, args, device) for name in names for mode in modes for batch in batches]
     machine = {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     if args.json:
