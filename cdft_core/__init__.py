@@ -38,7 +38,7 @@ from cdft_core.errors import CdftError, Interrupted, PluginError, PluginUnavaila
 from cdft_core.functional.pytree import FROZEN
 from cdft_core.hookspecs import hookimpl
 from cdft_core.models.foundation_table import FOUNDATION_MODELS, foundation_data_config
-from cdft_core.registry import Component, Lazy, get_registry, load_registry
+from cdft_core.registry import Component, Lazy, get_registry, load_registry, use_registry
 from cdft_core.strategy import (
     TRAINABLE,
     Stage,
@@ -116,6 +116,7 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "load_registry",
+    "use_registry",
     "one_line",
     "parse_bool",
     "parse_option",

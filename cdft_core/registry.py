@@ -296,7 +296,8 @@ class Registry:
         except PluginError:
             pass
         known = [k for k in dict.fromkeys(known) if k != name]  # each name once
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        same_but_case = [k for k in known if k.lower() == name.lower()]  # --strategy LoRA
+        close = same_but_case or difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         message = f"unknown {kind} {name!r}"
         if close:
             message += "; did you mean " + ", ".join(repr(c) for c in close) + "?"
@@ -321,6 +322,14 @@ def get_registry(*, strict: bool | None = None) -> Registry:
         return load_registry(strict=False)
     _REGISTRY = _REGISTRY or load_registry()
     return _REGISTRY
+
+
+def use_registry(registry: Registry | None) -> None:
+    """Make ``registry`` the process-wide one that runs, evaluation and the CLI resolve names in
+    (a test's in-process plugins: ``use_registry(load_registry(extra_plugins=[...]))``); None
+    forgets it, as :func:`reset_registry` does."""
+    global _REGISTRY
+    _REGISTRY = registry
 
 
 def reset_registry() -> None:

@@ -364,6 +364,8 @@ def build_strategy(name: str, options: Mapping[str, Any] | None = None, *, regis
 def parse_option(name: str, value: Any, kind: type = float, *, minimum: float | None = None) -> Any:
     """Turn a ``--strategy-option`` value (a string from the CLI, or a number) into ``kind``,
     with a one-line usage error when it does not parse or is below ``minimum``."""
+    if kind is int and isinstance(value, float) and not value.is_integer():  # int(1.5) would run as 1
+        raise UsageError(f"strategy option {name}={value!r} must be a whole number")
     try:
         parsed = kind(value)
     except (TypeError, ValueError, OverflowError):

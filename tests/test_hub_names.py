@@ -339,3 +339,19 @@ def test_a_checkpoint_rebuilds_from_its_recorded_config_without_hub_or_cache(cac
     hub_config._MEMO.clear()
     code, _, err = invoke("show", "backbone", NAME)  # the name alone still needs its config.json
     assert code == 2 and "not in the local Hugging Face cache" in one_error_line(err)
+
+
+def test_layer_names_in_model_args_build_a_swiglu_vit_like_virchow2(cache):
+    """Virchow2's and UNI2-h's config.json name their layers as strings: timm's SwiGLUPacked
+    (a functools.partial) and torch's SiLU; also spelt in full."""
+    config = tiny_config("vit_small_patch16_224")
+    config["model_args"] = {**ARGS, "mlp_ratio": 5.3375, "reg_tokens": 4, "init_values": 1e-5,
+                            "mlp_layer": "SwiGLUPacked", "act_layer": "torch.nn.SiLU"}
+    publish(cache, config=config)
+    model = build_model(NAME, "none", num_classes=3, pretrained=False)
+    block = model.backbone.model.blocks[0]
+    assert type(block.mlp).__name__ == "GluMlp" and isinstance(block.mlp.act, torch.nn.SiLU)
+    assert model.backbone.model.num_reg_tokens == 4 and model.spec["num_tokens"] == 16  # registers excluded
+    code, out, err = invoke("show", "backbone", NAME)
+    assert code == 0, err
+    assert "mlp_layer=SwiGLUPacked" in out

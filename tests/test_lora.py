@@ -157,6 +157,8 @@ def test_bad_options_and_a_missing_peft_are_one_line(monkeypatch):
         build_strategy("lora", {"dropout": "1.5"})
     with pytest.raises(UsageError, match="rank='0' must be at least 1"):
         build_strategy("lora", {"rank": "0"})
+    with pytest.raises(UsageError, match="rank=1.5 must be a whole number"):
+        build_strategy("lora", {"rank": 1.5})  # what the CLI's typed KEY=VALUE gives for rank=1.5
     with pytest.raises(UsageError, match="does not take option"):
         build_strategy("lora", {"ranks": "4"})
 
@@ -318,7 +320,7 @@ def test_a_third_party_model_change_is_replayed_when_a_checkpoint_is_rebuilt():
     strategy = registry.get("strategy", "prompt").factory()
     model = _tiny("test_vit")
     lines: list[str] = []
-    change_model(model, strategy, "prompt", {}, lines.append)
+    change_model(model, strategy, "prompt", {}, lines.append, registry=registry)
     assert lines == ["strategy prompt changed the model: added head.prompt"]
     assert model.spec["strategy"] == {"name": "prompt", "options": {}}
     with torch.no_grad():
@@ -328,6 +330,29 @@ def test_a_third_party_model_change_is_replayed_when_a_checkpoint_is_rebuilt():
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(rebuilt.eval()(x), model.eval()(x))
     assert "head.prompt" in dict(rebuilt.named_parameters())
+    from cdft_core.errors import UsageError
+
+    with pytest.raises(UsageError, match="trained with strategy 'prompt', which changed the model before training, "
+                                         "and no installed plugin provides it"):
+        model_from_spec(model.spec)  # the global registry has no such plugin
+    from cdft_core import use_registry
+
+    use_registry(registry)  # what a test does to train or evaluate with in-process plugins
+    try:
+        assert "head.prompt" in dict(model_from_spec(model.spec).named_parameters())
+    finally:
+        use_registry(None)
+
+
+def test_the_spec_records_every_option_of_the_change_defaults_included():
+    from cdft_core.models.model_change import change_model
+    from cdft_core.strategy import build_strategy
+
+    model = _tiny("test_vit")
+    change_model(model, build_strategy("staged-lora", {"rank": "4"}), "staged-lora", {"rank": "4"})
+    assert model.spec["strategy"] == {"name": "staged-lora", "options": {
+        "rank": "4", "alpha": 16, "dropout": 0.1, "target_modules": "auto", "lr_scale": 1.0, "stage_epochs": None,
+        "lr_factor": 1.0}}
 
 
 def test_strategies_without_a_model_change_leave_the_spec_alone():

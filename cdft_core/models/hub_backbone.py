@@ -10,6 +10,7 @@ timm's own loader ignores missing and unexpected keys once the classifier is rem
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,11 +80,25 @@ def build_hub_backbone(
 
 
 def _layer_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON cannot hold a class: ``"mlp_layer": "SwiGLUPacked"`` names one of timm.layers or torch.nn."""
+    """JSON cannot hold a layer: ``"mlp_layer": "SwiGLUPacked"`` names one of timm.layers or
+    torch.nn (a class, or a ``functools.partial`` such as timm's ``SwiGLUPacked``), also spelt
+    in full (``"timm.layers.SwiGLUPacked"``, ``"torch.nn.SiLU"``). A name neither has is
+    passed on as it is: timm resolves some layer names itself (``"gelu"``)."""
     out = dict(model_args)
     for key, value in model_args.items():
         if key.endswith("_layer") and isinstance(value, str):
-            found = getattr(timm.layers, value, None) or getattr(nn, value, None)
-            if isinstance(found, type):
+            found = _named_layer(value)
+            if found is not None:
                 out[key] = found
     return out
+
+
+def _named_layer(name: str) -> Any:
+    short = name.rsplit(".", 1)[-1]
+    modules = {"timm.layers": timm.layers, "torch.nn": nn, "nn": nn}
+    prefix = name.rsplit(".", 1)[0] if "." in name else None
+    for module in ([modules[prefix]] if prefix in modules else [] if prefix else [timm.layers, nn]):
+        found = getattr(module, short, None)
+        if isinstance(found, type) or (isinstance(found, functools.partial) and isinstance(found.func, type)):
+            return found  # a layer class, or one with arguments bound; not a function such as gelu
+    return None

@@ -111,7 +111,7 @@ def inject_lora(model: Any, *, rank: int = 8, alpha: float = 16.0, dropout: floa
     base = sum(p.numel() for p in inner.parameters())
     peft.inject_adapter_in_model(config, inner, adapter_name=ADAPTER_NAME)
     added = sum(p.numel() for name, p in inner.named_parameters() if is_lora_parameter("." + name))
-    return (f"LoRA in {len(targets)} layers (rank {int(rank)}, alpha {float(alpha):g}, dropout {float(dropout):g}): "
+    return (f"LoRA in {len(targets)} layer{'s' if len(targets) != 1 else ''} (rank {int(rank)}, alpha {float(alpha):g}, dropout {float(dropout):g}): "
             f"{added:,} LoRA parameters, {100 * added / max(base, 1):.2f}% of the backbone's {base:,}")
 
 

@@ -108,10 +108,13 @@ def gated_note(repo_id: str) -> str:
     return f"{repo_id} is gated: accept its licence at {hub_endpoint()}/{repo_id} and set HF_TOKEN"
 
 
-def missing_weights_message(model: str, repo_id: str, reason: str, *, gated: bool = False) -> str:
+def missing_weights_message(model: str, repo_id: str, reason: str, *, gated: bool = False,
+                            revision: str | None = None) -> str:
+    """The one line of weights neither the cache nor the hub gives; ``revision``: the snapshot they must come from."""
+    download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
     text = (
         f"no pretrained weights for backbone {model!r} in the Hugging Face cache {hf_cache_dir()} "
-        f"({reason}); on a connected machine run `hf download {repo_id}` and copy the cache, "
+        f"({reason}); on a connected machine run `{download}` and copy the cache, "
         f"or pass --weights PATH (safetensors or state dict), or use --no-pretrained"
     )
     return f"{text}; {gated_note(repo_id)}" if gated else text
@@ -136,16 +139,18 @@ def resolve_hub_file(model: str, repo: str, filenames: Iterable[str], *, gated: 
         if isinstance(cached, str) and os.path.isfile(cached):
             return cached
     if hub_offline():
-        raise CdftError(missing_weights_message(model, repo_id, "HF_HUB_OFFLINE is set", gated=gated))
+        raise CdftError(missing_weights_message(model, repo_id, "HF_HUB_OFFLINE is set", gated=gated,
+                                                revision=revision))
     if not hub_reachable():
-        raise CdftError(missing_weights_message(model, repo_id, f"the hub {hub_endpoint()} is unreachable", gated=gated))
+        raise CdftError(missing_weights_message(model, repo_id, f"the hub {hub_endpoint()} is unreachable", gated=gated,
+                                                revision=revision))
     last_error: Exception | None = None
     for filename in names:
         try:
             return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
         except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: the network failed
             reason = f"download failed: {one_line(exc)}"
-            raise CdftError(missing_weights_message(model, repo_id, reason, gated=gated)) from exc
+            raise CdftError(missing_weights_message(model, repo_id, reason, gated=gated, revision=revision)) from exc
         except EntryNotFoundError as exc:  # the repo lacks this file: try the next spelling
             last_error = exc
         except (HfHubHTTPError, OSError) as exc:
