@@ -165,6 +165,22 @@ def test_accumulated_micro_batches_take_the_step_of_one_batch(weights):
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads[0], other, strict=True))
 
 
+def test_a_trainable_parameter_no_gradient_reaches_is_named_after_the_first_step():
+    from cdft_core.training.step import warn_ungraded
+
+    model = torch.nn.Linear(3, 2)
+    unused = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([{"params": [model.weight, model.bias, unused],
+                                  "param_names": ["head.weight", "head.bias", "prompt"]}], lr=0.1)
+    model(torch.randn(2, 3)).sum().backward()
+    lines: list[str] = []
+    assert warn_ungraded(optimizer, lines.append, 0) == ["prompt"]
+    assert lines == ["note: stage 1: 1 trainable parameter took no part in the first step's loss and stays as "
+                     "it is: prompt"]
+    unused.grad = torch.zeros(4)
+    assert warn_ungraded(optimizer, lines.append, 0) == [] and len(lines) == 1
+
+
 # -- early stopping -----------------------------------------------------------------------
 def test_patience_counts_epochs_without_a_strictly_higher_accuracy():
     progress = Progress()

@@ -113,7 +113,7 @@ from cdft_core.training.signals import StopRequest
 from cdft_core.training.speed import compile_model, configure_backends, use_channels_last
 from cdft_core.training.speed import describe as describe_speed
 from cdft_core.training.state import Progress, Run, RunData, SavedState, StageRun, open_run_dir
-from cdft_core.training.step import backward_step, optimizer_step, step_batches
+from cdft_core.training.step import backward_step, optimizer_step, step_batches, warn_ungraded
 from cdft_core.training.tensorboard_log import TensorBoardLog
 
 
@@ -378,6 +378,8 @@ def train_epoch(run: Run, current: StageRun, epoch: int) -> tuple[float, float]:
         result = backward_step(current.model, current.optimizer, batches, device=dist_info.device,
                                channels_last=channels_last, precision=run.precision, scaler=current.scaler,
                                class_weights=current.class_weights)
+        if epoch == step == 0:  # a stage's first step: a trainable parameter no gradient reached never trains
+            warn_ungraded(current.optimizer, run.log, index)
         if any_rank(not math.isfinite(result.loss), dist_info):
             raise CdftError(
                 f"the training loss is not finite (nan or inf) at stage {index + 1}, epoch {epoch + 1}, step {step + 1}; "

@@ -108,3 +108,23 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     else:
         optimizer.step()
 
+
+
+def warn_ungraded(optimizer: torch.optim.Optimizer, log: Any, stage_index: int) -> list[str]:
+    """Log (once, after a stage's first backward) the trainable parameters no gradient reached.
+
+    They are labelled trainable but take no part in the loss: harmless for a layer the
+    adapter does not read (a ConvNeXt's head norm under the CDTM, which reads the tokens), a
+    silent failure for a plugin's parameter outside ``backbone.`` that should change the
+    backbone's output while every backbone parameter is frozen
+    (docs/strategies.md#strategies-that-change-the-model). Returns their names.
+    """
+    names = [name for group in optimizer.param_groups
+             for name, param in zip(group.get("param_names", [""] * len(group["params"])), group["params"], strict=True)
+             if param.grad is None]
+    if names:
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        log(f"note: stage {stage_index + 1}: {len(names)} trainable parameter{'s' if len(names) > 1 else ''} "
+            f"took no part in the first step's loss and {'stay as they are' if len(names) > 1 else 'stays as it is'}: "
+            f"{shown}")
+    return names
