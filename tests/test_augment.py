@@ -300,3 +300,16 @@ def test_a_paper_hed_run_records_it_and_resumes_exactly(tmp_path_factory, tmp_pa
     ours, theirs = read_json(run_dir / "summary.json"), read_json(reference / "summary.json")
     assert (ours["val"], ours["test"], ours["best_epoch"]) == (theirs["val"], theirs["test"], theirs["best_epoch"])
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["augment"] == "paper+hed"
+
+
+@pytest.mark.slow
+def test_train_views_without_augmentation_store_one_view(tmp_path_factory, tmp_path):
+    """--augment none: every view would be the same resized image, so one is stored (the images
+    an uncached epoch uses), however many --train-views asks for."""
+    root, split = engine_data(tmp_path_factory)
+    args = quick_args(root, split, strategy="linear", epochs=2, extra=("--augment", "none", "--train-views", "3",
+                                                                        "--no-tensorboard"))
+    code, _, err = invoke(*args, "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "x 1 augmented views" in err and "x 3 augmented views" not in err
+    assert "one view, the images an uncached epoch would use" in err

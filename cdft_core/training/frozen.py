@@ -242,11 +242,14 @@ def stage_features(run: Run, index: int) -> FrozenFeatures | None:
             features.evaluation[split] = eval_features(source, split, getattr(run.data, split), paths, batch,
                                                        config.num_workers)
         if config.train_views:
+            views = 1 if config.augment == "none" else config.train_views  # no augmentation: every view is the same
             features.train = view_features(source, run.data.train, splits.train["image_path"].tolist(),
-                                           views=config.train_views, seed=config.seed, batch_size=batch,
+                                           views=views, seed=config.seed, batch_size=batch,
                                            num_workers=config.num_workers, augment=config.augment)
-            run.log(f"stage {index + 1}: epoch e trains on stored augmented view e mod {config.train_views} of each "
-                    f"image (--train-views: an approximation of fresh augmentation every epoch)")
+            run.log(f"stage {index + 1}: every epoch trains on the stored features of the resized images (--augment "
+                    f"none: one view, the images an uncached epoch would use)" if views == 1 and config.augment == "none"
+                    else f"stage {index + 1}: epoch e trains on stored augmented view e mod {views} of each image "
+                         f"(--train-views: an approximation of fresh augmentation every epoch)")
     except BaseException:
         features.close()
         raise

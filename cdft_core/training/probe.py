@@ -175,11 +175,12 @@ def run_probe(config: RunConfig, lrs: Sequence[float], weight_decays: Sequence[f
                   for name in ("train", "val", "test")}
     stored = {name: eval_features(source, name, evaluation[name], getattr(splits, name)["image_path"].tolist(),
                                   batch, workers) for name in ("val", "test")}
-    if config.train_views:
+    views_used = config.train_views if config.augment != "none" else None  # no augmentation: the plain features
+    if views_used:
         augmented = SeededAugmentation(ImageDataset(splits.root, splits.train,
                                                     train_transform(model.data_config, config.augment), cache),
                                        config.seed)
-        views = view_features(source, augmented, splits.train["image_path"].tolist(), views=config.train_views,
+        views = view_features(source, augmented, splits.train["image_path"].tolist(), views=views_used,
                               seed=config.seed, batch_size=batch, num_workers=workers, augment=config.augment)
         train_store, train_y = views.store, views.labels
     else:
@@ -191,7 +192,7 @@ def run_probe(config: RunConfig, lrs: Sequence[float], weight_decays: Sequence[f
     start = time.time()
     result = sweep(model.head, heads, train_x, train_y.to(dist.device), val_x, stored["val"].labels.to(dist.device),
                    epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
-                   views=config.train_views or 1, warmup_epochs=config.warmup_epochs,
+                   views=views_used or 1, warmup_epochs=config.warmup_epochs,
                    warmup_start_factor=config.warmup_start_factor, max_steps_per_epoch=config.max_steps_per_epoch)
     log(f"{len(heads)} heads x {config.epochs} epochs trained in {time.time() - start:.1f} s")
 
