@@ -16,7 +16,8 @@ Every feature and the config key (``cdft run --help`` option) that controls it:
 - **Strategy** (``strategy``, ``strategy_options``): a list of stages; each labels the
   parameters (frozen or trainable), gets a fresh optimizer and — in distributed runs — a
   freshly wrapped DDP model. A stage with ``init="best"`` (stage 2 of ``staged``) starts
-  from the previous stage's best-validation weights.
+  from the previous stage's best-validation weights. A strategy that changes the model
+  (LoRA: ``Strategy.change_model``) does so once in setup, before any labelling or resume.
 - **Model selection**: after each epoch the validation split is evaluated; when its
   accuracy is >= the best so far, the weights are saved and the test split is evaluated.
   The result is the test metrics at the best validation epoch of the last stage.
