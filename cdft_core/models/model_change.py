@@ -47,15 +47,14 @@ def resolved_options(name: str, options: Mapping[str, Any] | None, *, registry: 
         from cdft_core.registry import get_registry
 
         registry = get_registry()
-    factory = registry.get("strategy", name).factory
+    signature = inspect.signature(registry.get("strategy", name).factory)
     try:
-        bound = inspect.signature(factory).bind(**dict(options or {}))
+        bound = signature.bind(**dict(options or {}))
     except (TypeError, ValueError):  # build_strategy refused these already; keep what was given
         return dict(options or {})
     bound.apply_defaults()
-    return {key: value for key, value in bound.arguments.items()
-            if inspect.signature(factory).parameters[key].kind not in (inspect.Parameter.VAR_POSITIONAL,
-                                                                        inspect.Parameter.VAR_KEYWORD)}
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {key: value for key, value in bound.arguments.items() if signature.parameters[key].kind not in variadic}
 
 
 def replay_change(model: CdftModel, spec: Mapping[str, Any], *, registry: Any = None) -> None:
