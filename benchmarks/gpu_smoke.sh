@@ -8,11 +8,12 @@
 #      (grad scaler), with a ViT and a ConvNeXt, a few steps each, then `cdft eval` of
 #      the saved checkpoint, which must reproduce the run's summary;
 #   2. the GPU step (cdft_core/training/speed.py): each backbone with --compile (torch.compile)
-#      in the first precision, and a resume of a run interrupted (SIGTERM) mid-epoch with
+#      in the first precision, test_vit with --compile-mode reduce-overhead (CUDA graphs), and a resume of a run interrupted (SIGTERM) mid-epoch with
 #      persistent loader workers, fused Adam and, for the ConvNeXt, channels_last;
 #   3. a BatchNorm backbone (test_resnet) with --sync-batchnorm through torchrun (nccl);
 #   4. the GPU benchmarks (benchmarks/*.py with --device cuda, --json), when present;
-#      train_step.py within a time budget (SMOKE_BENCH_BUDGET seconds, default 300).
+#      train_step.py within a time budget (SMOKE_BENCH_BUDGET seconds, default 300); then the
+#      MFU sweep: ViT-B/16 full at batch 256 and 128 compiled in inductor's modes (SMOKE_MFU_BUDGET, 240).
 # Every step's output goes to OUT_DIR/logs/<step>.log; a table of pass/fail and seconds is
 # printed at the end and written to OUT_DIR/smoke.json. The script continues past a
 # failing step so one run shows every broken path; its exit status is the number of
@@ -28,6 +29,7 @@ BACKBONES="${SMOKE_BACKBONES:-test_vit test_convnext}"
 STRATEGIES="${SMOKE_STRATEGIES:-linear full frt staged lora staged-lora}"
 LARGE="${SMOKE_LARGE:-1}"
 BENCH_BUDGET="${SMOKE_BENCH_BUDGET:-300}"
+MFU_BUDGET="${SMOKE_MFU_BUDGET:-240}"
 PY="${PYTHON:-python}"
 mkdir -p "$OUT_DIR/logs"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -108,6 +110,9 @@ for backbone in $BACKBONES; do
   step "$backbone-full-$FIRST_PRECISION-compile" run_and_eval "$OUT_DIR/runs/$backbone-full-compile" \
     --backbone "$backbone" --strategy full --precision "$FIRST_PRECISION" --image-size 64 --compile
 done
+# CUDA graphs (cudagraph trees) through the engine: training, evaluation and the eager cdft eval
+step "test_vit-full-$FIRST_PRECISION-compile-reduce-overhead" run_and_eval "$OUT_DIR/runs/test_vit-full-cudagraphs" \
+  --backbone test_vit --strategy full --precision "$FIRST_PRECISION" --image-size 64 --compile --compile-mode reduce-overhead
 
 resume_matches() {  # resume_matches NAME cdft-run-options...: SIGTERM mid-epoch, resume, same summary as uninterrupted
   local name="$1"; shift
@@ -148,6 +153,11 @@ for bench in benchmarks/*.py; do
   step "$name" "$PY" "$bench" --device cuda --json "${extra[@]}"
   cp "$OUT_DIR/logs/$name.log" "$OUT_DIR/$name.json" 2>/dev/null || true
 done
+# the MFU target (ViT-B/16 full >= 40 % of the bf16 peak): bigger batches and inductor's other modes
+step "bench-mfu" "$PY" benchmarks/train_step.py --device cuda --json --backbones vit_b16 --strategies full \
+  --compile on --compile-modes default,max-autotune-no-cudagraphs,max-autotune --batch-sizes 256,128 \
+  --time-budget "$MFU_BUDGET"
+cp "$OUT_DIR/logs/bench-mfu.log" "$OUT_DIR/bench-mfu.json" 2>/dev/null || true
 fi
 
 "$PY" - "$OUT_DIR" "${RESULTS[@]}" <<'EOF'

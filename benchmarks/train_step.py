@@ -7,7 +7,7 @@ forward, cross-entropy in fp32, ``zero_grad``, backward, optimizer step and ``lo
 the step and not the loader. The model, strategy labels and optimizer come from cdft itself
 (``build_model``, ``apply_stage``, ``build_optimizer``) with the engine's GPU-step settings
 (``cdft_core.training.speed``): channels_last for ConvNeXt and fused Adam on CUDA, cuDNN
-autotuning, and for ``compiled`` the same in-place ``torch.compile`` as ``--compile``.
+autotuning, and for compiled rows the same in-place ``torch.compile`` as ``--compile``.
 Random weights (the architecture is what costs; nothing is downloaded).
 
 - ``img_s``: images per second over ``--steps`` timed steps after ``--warmup`` steps
@@ -19,10 +19,18 @@ Random weights (the architecture is what costs; nothing is downloaded).
 - ``tflop_s`` = gflop_img × img_s; ``mfu`` = tflop_s ÷ the device's dense bf16 peak
   (:data:`PEAK_BF16_TFLOPS`; ``--peak-tflops`` for another card). CPU: no utilisation.
 - ``peak_mem_gb``: ``torch.cuda.max_memory_allocated`` over the config (CUDA).
+- ``mode``: ``eager``, or the ``--compile-mode`` of a compiled row (``--compile-modes``:
+  ``default``, ``max-autotune`` (autotuned matrix products and CUDA graphs),
+  ``max-autotune-no-cudagraphs``, ``reduce-overhead`` (CUDA graphs alone)).
+- ``attention``: the scaled-dot-product-attention kernel the step runs (flash, efficient,
+  cudnn, math, flash-cpu), read from the aten operators of one eager forward; empty for a
+  model without attention.
 
     python benchmarks/train_step.py                    # CPU: reduced sizes (64 px, batch 4), eager
-    python benchmarks/train_step.py --device cuda      # bf16, batch 64 and 128, eager and compiled
+    python benchmarks/train_step.py --device cuda      # bf16, batch 128 and 256, eager and compiled
     python benchmarks/train_step.py --device cuda --json --time-budget 400
+    python benchmarks/train_step.py --device cuda --backbones vit_b16 --strategies full --compile on \
+        --compile-modes default,max-autotune-no-cudagraphs,max-autotune --batch-sizes 256,128
 """
 
 from __future__ import annotations
@@ -115,6 +123,40 @@ def flops_per_image(model: Any, images: torch.Tensor, labels: torch.Tensor, prec
     return counter.get_total_flops() / 2
 
 
+#: the aten operators behind ``F.scaled_dot_product_attention``, by the kernel they run
+ATTENTION_OPS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_efficient_attention": "efficient",
+                 "_scaled_dot_product_cudnn_attention": "cudnn", "_scaled_dot_product_attention_math": "math",
+                 "_scaled_dot_product_flash_attention_for_cpu": "flash-cpu"}
+
+
+def attention_kernels(model: Any, images: torch.Tensor, precision: str) -> str:
+    """The attention kernels one eager forward of ``model`` runs (``flash``...), comma-separated.
+
+    Read from the aten operators dispatched, so it names what SDPA chose on this device,
+    dtype and shape, not what its switches allow; a model that computes attention by hand
+    (no SDPA) shows nothing.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cdft_core.training.evaluation import autocast
+
+    class Seen(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernels: dict[str, None] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
+            kernel = ATTENTION_OPS.get(func.overloadpacket.__name__)
+            if kernel:
+                self.kernels[kernel] = None
+            return func(*args, **(kwargs or {}))
+
+    seen = Seen()
+    with torch.no_grad(), autocast(precision, images.device), seen:
+        model(images[:2])
+    return ",".join(seen.kernels)
+
+
 def train_step(model: Any, optimizer: Any, images: torch.Tensor, labels: torch.Tensor, precision: str) -> float:
     """One step exactly as the engine's (bf16/fp32; no grad scaler)."""
     from cdft_core.training.evaluation import autocast
@@ -133,14 +175,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, strategy: str, batch: int, compiled: bool, args: argparse.Namespace,
+def measure(name: str, strategy: str, batch: int, mode: str, args: argparse.Namespace,
             device: torch.device, peak: tuple[str, float] | None) -> dict[str, Any]:
-    """One row: build, count FLOPs, warm up (compile), time ``args.steps`` steps."""
+    """One row: build, count FLOPs, warm up (compile unless ``mode`` is eager), time ``args.steps`` steps."""
     from cdft_core.training.speed import compile_model, to_device, use_channels_last
 
     backbone = BACKBONES.get(name, name)
+    compiled = mode != "eager"
     row: dict[str, Any] = {"backbone": name, "timm": backbone, "strategy": strategy, "batch": batch,
-                           "compiled": compiled, "precision": args.precision}
+                           "mode": mode, "precision": args.precision}
     model, optimizer = build(backbone, strategy, args.image_size, device)
     size = int(model.spec["image_size"])
     channels_last = use_channels_last(model.backbone, device)
@@ -151,8 +194,9 @@ def measure(name: str, strategy: str, batch: int, compiled: bool, args: argparse
                optimizer="fused" if optimizer.param_groups[0].get("fused") else
                "foreach" if optimizer.param_groups[0].get("foreach") else "default")
     gflop = flops_per_image(model, images, labels, args.precision) / 1e9
+    row["attention"] = attention_kernels(model, images, args.precision)
     if compiled:
-        compile_model(model)
+        compile_model(model, mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
@@ -191,12 +235,12 @@ def machine(device: torch.device, peak: tuple[str, float] | None) -> dict[str, A
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = ("backbone", "strategy", "batch", "compiled", "image_size", "img_s", "step_ms", "gflop_img", "tflop_s",
-            "mfu", "peak_mem_gb", "warmup_s")
+    cols = ("backbone", "strategy", "batch", "mode", "image_size", "img_s", "step_ms", "gflop_img", "tflop_s",
+            "mfu", "peak_mem_gb", "warmup_s", "attention")
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for row in rows:
         if "error" in row:
-            lines.append(f"{row['backbone']} | {row['strategy']} | {row['batch']} | {row['compiled']} | "
+            lines.append(f"{row['backbone']} | {row['strategy']} | {row['batch']} | {row['mode']} | "
                          f"error: {row['error']}")
         else:
             lines.append(" | ".join("" if row.get(c) is None else str(row[c]) for c in cols))
@@ -208,10 +252,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--backbones", default=",".join(BACKBONES), help="vit_b16, convnext_b or cdft backbone names")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--batch-sizes", default=None, help="default: 64,128 on CUDA, 4 on CPU")
+    parser.add_argument("--batch-sizes", default=None, help="default: 128,256 on CUDA, 4 on CPU")
     parser.add_argument("--image-size", type=int, default=None, help="default: the backbone's on CUDA, 64 on CPU")
     parser.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--compile", default=None, choices=("off", "on", "both"), help="default: both on CUDA, off on CPU")
+    parser.add_argument("--compile-modes", default="default",
+                        help="torch.compile modes of the compiled rows, comma-separated (cdft run --compile-mode)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on CUDA, 1 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -222,10 +268,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.device = "cuda" if cuda else "cpu"
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("64,128" if cuda else "4")).split(",")]
+    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("128,256" if cuda else "4")).split(",")]
     args.image_size = args.image_size or (None if cuda else 64)
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.compile = args.compile or ("both" if cuda else "off")
+    from cdft_core.config import COMPILE_MODES
+
+    args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+    unknown = [m for m in args.compile_modes if m not in COMPILE_MODES]
+    if unknown or not args.compile_modes:
+        parser.error(f"--compile-modes: {', '.join(unknown) or 'none given'}; choose from {', '.join(COMPILE_MODES)}")
     args.steps = args.steps or (20 if cuda else 3)
     args.warmup = args.warmup or (5 if cuda else 1)
     return args
@@ -244,21 +296,21 @@ def main(argv: list[str] | None = None) -> int:
     peak = None
     if device.type == "cuda":
         peak = ("given", args.peak_tflops) if args.peak_tflops else peak_bf16(torch.cuda.get_device_name(device))
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    modes = {"off": ["eager"], "on": args.compile_modes, "both": ["eager", *args.compile_modes]}[args.compile]
     # eager rows first, then compiled ones (each pays a compilation); in the order of the options,
     # batch sizes outermost, so a --time-budget cuts the least wanted rows
-    plan = [(name, strategy, batch, compiled) for compiled in modes for batch in args.batch_sizes
+    plan = [(name, strategy, batch, mode) for mode in modes for batch in args.batch_sizes
             for strategy in args.strategies.split(",") for name in args.backbones.split(",")]
     started, rows = time.perf_counter(), []
-    for name, strategy, batch, compiled in plan:
+    for name, strategy, batch, mode in plan:
         if args.time_budget and time.perf_counter() - started > args.time_budget:
-            rows.append({"backbone": name, "strategy": strategy, "batch": batch, "compiled": compiled,
+            rows.append({"backbone": name, "strategy": strategy, "batch": batch, "mode": mode,
                          "error": "skipped: --time-budget spent"})
             continue
         try:
-            row = measure(name, strategy, batch, compiled, args, device, peak)
+            row = measure(name, strategy, batch, mode, args, device, peak)
         except Exception as exc:  # one failing row (out of memory, a compile error) must not hide the others
-            row = {"backbone": name, "strategy": strategy, "batch": batch, "compiled": compiled,
+            row = {"backbone": name, "strategy": strategy, "batch": batch, "mode": mode,
                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
             if device.type == "cuda":
                 torch.cuda.empty_cache()

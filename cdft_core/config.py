@@ -33,6 +33,9 @@ OPTIMIZERS = ("adam", "adamw")
 AUGMENTS = ("paper", "paper+hed", "none")
 CLASS_WEIGHTS = ("none", "balanced")
 SAMPLERS = ("random", "balanced")
+#: ``--compile-mode``: torch.compile's modes (``torch._inductor.list_mode_options()``); the
+#: CUDA-graph ones (reduce-overhead, max-autotune) take effect on CUDA only
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -83,6 +86,7 @@ class RunConfig:
     dist_timeout: float = field(default=1800.0, metadata={"help": "seconds a collective may wait before the job fails"})
     sync_batchnorm: bool = field(default=False, metadata={"help": "BatchNorm statistics over all processes' batches (CUDA, several processes)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (first steps compile; same results within float tolerance)"})
+    compile_mode: str = field(default="default", metadata={"help": "with --compile: default, reduce-overhead (CUDA graphs), max-autotune (autotuned kernels and CUDA graphs; minutes of compiling) or max-autotune-no-cudagraphs"})
     cache: bool = field(default=True, metadata={"help": "decode and resize each image once into a memory-mapped cache that later epochs, runs and processes reuse (same results)"})
     cache_dir: str | None = field(default=None, metadata={"help": "local directory of the image cache; unset: $CDFT_CACHE_DIR, else the user cache dir (~/.cache/cdft)"})
     feature_cache: bool = field(default=True, metadata={"help": "while a stage's backbone is frozen, compute its validation and test features once and reuse them every epoch (same results)"})
@@ -341,8 +345,11 @@ def validate(config: RunConfig) -> None:
     if not config.dist_timeout > 0:
         raise UsageError(f"--dist-timeout must be positive seconds, got {config.dist_timeout}")
     for name, choices in (("device", DEVICES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
-                          ("class_weights", CLASS_WEIGHTS), ("sampler", SAMPLERS)):
+                          ("class_weights", CLASS_WEIGHTS), ("sampler", SAMPLERS), ("compile_mode", COMPILE_MODES)):
         check_choice(name, getattr(config, name), choices)
+    if config.compile_mode != "default" and not config.compile:
+        raise UsageError(f"--compile-mode {config.compile_mode} only applies to a compiled model; add --compile "
+                         f"(or drop --compile-mode)")
     if config.ema is not None and not 0 < config.ema < 1:
         raise UsageError(f"--ema is the average's decay, in (0, 1) (e.g. 0.999), got {config.ema}")
     if config.train_views is not None and not config.feature_cache:

@@ -73,10 +73,13 @@ def test_validate(tmp_path):
         ({"warmup_start_factor": 0.0}, "--warmup-start-factor"),
         ({"weights": "w.safetensors", "pretrained": False}, "contradict"),
         ({"split_file": __file__, "folds": 3}, "drop --folds"),  # a split file has its folds: never ignore --folds
+        ({"compile": True, "compile_mode": "max_autotune"}, "did you mean 'max-autotune'"),
+        ({"compile_mode": "reduce-overhead"}, "only applies to a compiled model; add --compile"),
     ]
     for overrides, message in cases:
         with pytest.raises(UsageError, match=message):
             validate(merge(good, overrides, source="test"))
+    validate(merge(good, {"compile": True, "compile_mode": "max-autotune"}, source="test"))
 
 
 def test_presets_cover_the_paper_grid():

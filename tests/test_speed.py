@@ -93,6 +93,8 @@ def test_backends_and_description():
         torch.backends.cudnn.benchmark = before
     assert describe("cpu", channels_last=False, optimizer_cls=torch.optim.Adam, workers=0,
                     compiled=False) == "eager, as on any CPU"
+    assert describe("cpu", channels_last=False, optimizer_cls=torch.optim.Adam, workers=0, compiled=True,
+                    compile_mode="max-autotune").endswith(", mode max-autotune)")
     text = describe("cuda", channels_last=True, optimizer_cls=torch.optim.AdamW, workers=4, compiled=True)
     for part in ("cuDNN autotuning", "channels_last", "fused AdamW", "pinned memory", "persistent loader workers",
                  "torch.compile"):
@@ -254,6 +256,20 @@ def test_compiled_model_keeps_its_state_dict_keys(monkeypatch):
         model(images).square().sum().backward()
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compile_mode_reaches_inductor_only(monkeypatch, backend):
+    """``--compile-mode`` is inductor's: passed to it as ``mode``, and not at all to a backend
+    without modes (``aot_eager`` would only warn that it ignores it)."""
+    seen = []
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, backend)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
+    model = torch.nn.Linear(2, 2)
+    assert compile_model(model, "max-autotune") is model
+    compile_model(model)
+    expected_mode = [{"mode": "max-autotune"}] if backend == "inductor" else [{}]
+    assert seen == [{"backend": backend, "dynamic": False, **expected_mode[0]}, {"backend": backend, "dynamic": False}]
 
 
 @pytest.mark.slow

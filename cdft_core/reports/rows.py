@@ -38,7 +38,7 @@ LABELS = {
 IGNORED = frozenset({
     "data_root", "split_file", "output", "runs_dir", "num_workers", "dist_timeout", "log_every", "tensorboard",
     "cache", "cache_dir", "feature_cache", "eval_batch_size", "grad_checkpointing", "device", "compile",
-    "val_fold", "test_fold", "seed", "dataset", "backbone", "strategy",
+    "compile_mode", "val_fold", "test_fold", "seed", "dataset", "backbone", "strategy",
 })
 
 

@@ -188,7 +188,7 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
     if config.sync_batchnorm and dist_info.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if config.compile:
-        model = compile_model(model)  # in place: the state dict keeps its keys
+        model = compile_model(model, config.compile_mode)  # in place: the state dict keeps its keys
 
     cache = cache_for_tables(splits.root, [splits.train, splits.val, splits.test], model.data_config,  # --no-cache: None
                              cache_dir=config.cache_dir, progress=dist_info.is_main, log=log) if config.cache else None
@@ -219,7 +219,8 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
     log(f"data loading: {describe_num_workers(config.num_workers)}")
     log("training step: " + describe_speed(
         dist_info.device, channels_last=use_channels_last(model.backbone, dist_info.device),
-        optimizer_cls=optimizer_class(config), workers=resolve_num_workers(config.num_workers), compiled=config.compile))
+        optimizer_cls=optimizer_class(config), workers=resolve_num_workers(config.num_workers), compiled=config.compile,
+        compile_mode=config.compile_mode))
     for name in ("val", "test"):
         missing = sorted(set(splits.classes) - {splits.classes[i] for i in getattr(splits, name)["label"]})
         if missing:

@@ -17,7 +17,7 @@ module (the engine's determinism and resume tests check that).
   bit-reproducible anyway, CPU runs are and stay so.
 - :func:`compile_model`: ``--compile``, :func:`torch.compile` of the model's forward in
   place (``nn.Module.compile``), so the state dict keeps its keys (no ``_orig_mod.``) and a
-  DDP wrapper wraps the compiled module.
+  DDP wrapper wraps the compiled module; ``--compile-mode`` picks inductor's mode.
 """
 
 from __future__ import annotations
@@ -133,21 +133,27 @@ def compile_backend() -> str:
     return os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
 
 
-def compile_model(model: nn.Module) -> nn.Module:
-    """Compile ``model``'s forward in place and return it (``--compile``).
+def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
+    """Compile ``model``'s forward in place and return it (``--compile``, ``--compile-mode``).
 
     In place keeps ``model.state_dict()`` keys as they were, so checkpoints, resume states
     and ``cdft eval`` see the same names with and without ``--compile``. Static shapes: the
     first batch of each shape and mode (train, eval, each stage) compiles its own graph,
     so the full training batch never runs a slower dynamic-shape graph made for an epoch's
     short last batch; past torch's recompile limit a new shape runs eagerly.
+
+    ``mode`` is inductor's (``max-autotune`` times candidate kernels for every matrix
+    product, ``reduce-overhead`` replays CUDA graphs); another backend (the tests'
+    ``aot_eager``) has no modes, so none is passed to it.
     """
-    model.compile(backend=compile_backend(), dynamic=False)
+    backend = compile_backend()
+    options = {"mode": mode} if backend == "inductor" and mode != "default" else {}
+    model.compile(backend=backend, dynamic=False, **options)
     return model
 
 
 def describe(device: torch.device | str, *, channels_last: bool, optimizer_cls: type, workers: int,
-             compiled: bool) -> str:
+             compiled: bool, compile_mode: str = "default") -> str:
     """The log's words for what is on: ``channels_last, fused adam, pinned memory, ...``."""
     parts = []
     if _device_type(device) == "cuda":
@@ -160,5 +166,6 @@ def describe(device: torch.device | str, *, channels_last: bool, optimizer_cls: 
     if workers > 0:
         parts.append(f"persistent loader workers (prefetch {PREFETCH_FACTOR})")
     if compiled:
-        parts.append(f"torch.compile ({compile_backend()})")
+        mode = "" if compile_mode == "default" else f", mode {compile_mode}"
+        parts.append(f"torch.compile ({compile_backend()}{mode})")
     return ", ".join(parts) or "eager, as on any CPU"
