@@ -23,15 +23,26 @@ set -u -o pipefail
 OUT_DIR="${1:-${OUT:-/tmp/cdft-gpu-smoke}}"
 # a CPU dry run of the script's plumbing: SMOKE_DEVICE=cpu SMOKE_PRECISIONS=fp32 SMOKE_BACKBONES=test_vit
 # a shorter CUDA run: SMOKE_STRATEGIES=full SMOKE_LARGE=0 (no ViT-B staged, torchrun or benchmarks)
+# two calls that each fit a 10-minute command: SMOKE_ONLY=checks, then SMOKE_ONLY=benchmarks
 DEVICE="${SMOKE_DEVICE:-cuda}"
 PRECISIONS="${SMOKE_PRECISIONS:-bf16 fp16}"
 BACKBONES="${SMOKE_BACKBONES:-test_vit test_convnext}"
 STRATEGIES="${SMOKE_STRATEGIES:-linear full frt staged lora staged-lora}"
 LARGE="${SMOKE_LARGE:-1}"
+ONLY="${SMOKE_ONLY:-all}"  # checks (runs and evals), benchmarks (timings alone), or all
+case "$ONLY" in all|checks|benchmarks) ;; *) echo "SMOKE_ONLY must be all, checks or benchmarks"; exit 2;; esac
 BENCH_BUDGET="${SMOKE_BENCH_BUDGET:-300}"
+# checks of results run SMOKE_JOBS at a time (the tiny runs leave a GPU and 16 cores mostly idle); benchmarks alone
+JOBS="${SMOKE_JOBS:-$([ "$DEVICE" = cuda ] && echo 4 || echo 1)}"
 MFU_BUDGET="${SMOKE_MFU_BUDGET:-240}"
 PY="${PYTHON:-python}"
-mkdir -p "$OUT_DIR/logs"
+# OUT_DIR is empty or an earlier smoke run's (marked): a rerun there starts clean, since earlier
+# runs would refuse --output; any other folder is left alone
+if [ -d "$OUT_DIR" ] && [ -n "$(ls -A "$OUT_DIR")" ] && [ ! -e "$OUT_DIR/.cdft-gpu-smoke" ]; then
+  echo "gpu_smoke: $OUT_DIR is not empty and not an earlier smoke run's; choose an empty or new folder"; exit 2
+fi
+rm -rf "$OUT_DIR/logs" "$OUT_DIR/runs" "$OUT_DIR/data" "$OUT_DIR/status"
+mkdir -p "$OUT_DIR/logs" && touch "$OUT_DIR/.cdft-gpu-smoke"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 
@@ -47,19 +58,32 @@ if [ "$DEVICE" = cuda ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT_DIR/gpu.csv" 2>/dev/null || true
 
-RESULTS=()
-FAILED=0
-step() {  # step NAME COMMAND...: run, time, record
-  local name="$1"; shift
-  local start end status
+STATUS_DIR="$OUT_DIR/status"
+mkdir -p "$STATUS_DIR"
+SEQ=0
+run_step() {  # run_step FILE NAME COMMAND...: run, time, record "NAME STATUS SECONDS" in FILE
+  local file="$1" name="$2"; shift 2
+  local start end status secs word
   start=$(date +%s.%N)
   "$@" >"$OUT_DIR/logs/$name.log" 2>&1
   status=$?
   end=$(date +%s.%N)
-  local secs
   secs=$(awk "BEGIN {printf \"%.1f\", $end - $start}")
-  if [ "$status" -eq 0 ]; then RESULTS+=("$name pass $secs"); else RESULTS+=("$name FAIL($status) $secs"); FAILED=$((FAILED + 1)); fi
-  printf '%-40s %-10s %6ss\n' "$name" "$([ "$status" -eq 0 ] && echo pass || echo "FAIL($status)")" "$secs"
+  word=pass; [ "$status" -eq 0 ] || word="FAIL($status)"
+  echo "$name $word $secs" >"$file"
+  printf '%-48s %-10s %6ss\n' "$name" "$word" "$secs"
+}
+step() {  # step NAME COMMAND...: alone, after every background step (timings need the machine to themselves)
+  wait
+  SEQ=$((SEQ + 1)); run_step "$STATUS_DIR/$(printf %03d $SEQ)" "$@"
+}
+pstep() {  # pstep NAME COMMAND...: in the background, at most $JOBS at once (checks of results, not timings)
+  SEQ=$((SEQ + 1))
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  run_step "$STATUS_DIR/$(printf %03d $SEQ)" "$@" &
+}
+record() {  # record NAME STATUS: a step that did not run (a skip)
+  SEQ=$((SEQ + 1)); echo "$1 $2 0" >"$STATUS_DIR/$(printf %03d $SEQ)"
 }
 
 DATA="$OUT_DIR/data"
@@ -90,15 +114,16 @@ EOF
 if ! "$PY" -c "import peft" 2>/dev/null; then
   case " $STRATEGIES " in *lora*)
     echo "gpu_smoke: peft is not installed (pip install 'cdft[lora]'): the lora and staged-lora steps are skipped"
-    RESULTS+=("lora-strategies skip(no-peft) 0")
+    record lora-strategies "skip(no-peft)"
     STRATEGIES=$(printf '%s\n' $STRATEGIES | grep -v lora | tr '\n' ' ');;
   esac
 fi
 
+if [ "$ONLY" != benchmarks ]; then
 for backbone in $BACKBONES; do
   for strategy in $STRATEGIES; do
     for precision in $PRECISIONS; do
-      step "$backbone-$strategy-$precision" run_and_eval "$OUT_DIR/runs/$backbone-$strategy-$precision" \
+      pstep "$backbone-$strategy-$precision" run_and_eval "$OUT_DIR/runs/$backbone-$strategy-$precision" \
         --backbone "$backbone" --strategy "$strategy" --precision "$precision" --image-size 64
     done
   done
@@ -107,11 +132,11 @@ done
 # --compile: compiled runs whose checkpoints cdft eval (eager) reproduces
 FIRST_PRECISION="${PRECISIONS%% *}"
 for backbone in $BACKBONES; do
-  step "$backbone-full-$FIRST_PRECISION-compile" run_and_eval "$OUT_DIR/runs/$backbone-full-compile" \
+  pstep "$backbone-full-$FIRST_PRECISION-compile" run_and_eval "$OUT_DIR/runs/$backbone-full-compile" \
     --backbone "$backbone" --strategy full --precision "$FIRST_PRECISION" --image-size 64 --compile
 done
 # CUDA graphs (cudagraph trees) through the engine: training, evaluation and the eager cdft eval
-step "test_vit-full-$FIRST_PRECISION-compile-reduce-overhead" run_and_eval "$OUT_DIR/runs/test_vit-full-cudagraphs" \
+pstep "test_vit-full-$FIRST_PRECISION-compile-reduce-overhead" run_and_eval "$OUT_DIR/runs/test_vit-full-cudagraphs" \
   --backbone test_vit --strategy full --precision "$FIRST_PRECISION" --image-size 64 --compile --compile-mode reduce-overhead
 
 resume_matches() {  # resume_matches NAME cdft-run-options...: SIGTERM mid-epoch, resume, same summary as uninterrupted
@@ -133,19 +158,22 @@ assert abs(got["test"]["loss"] - want["test"]["loss"]) <= 2e-2 * max(1.0, abs(wa
 EOF
 }
 for backbone in $BACKBONES; do
-  step "$backbone-full-$FIRST_PRECISION-resume" resume_matches "$backbone-resume" \
+  pstep "$backbone-full-$FIRST_PRECISION-resume" resume_matches "$backbone-resume" \
     --backbone "$backbone" --strategy full --precision "$FIRST_PRECISION"
 done
 
 if [ "$DEVICE" = cuda ] && [ "$LARGE" = 1 ]; then
 # a larger ViT at the paper's input size, bf16, staged: the realistic memory path
-step "vit_base-staged-bf16-224" run_and_eval "$OUT_DIR/runs/vit_base-staged" \
+pstep "vit_base-staged-bf16-224" run_and_eval "$OUT_DIR/runs/vit_base-staged" \
   --backbone vit_base_patch16_224 --strategy staged --precision bf16 --batch-size 32
 
 # BatchNorm + DDP through torchrun with nccl (one GPU: one process; sync-batchnorm conversion path)
-step "resnet-full-syncbn-torchrun" run_and_eval "$OUT_DIR/runs/resnet-syncbn" \
+pstep "resnet-full-syncbn-torchrun" run_and_eval "$OUT_DIR/runs/resnet-syncbn" \
   --backbone test_resnet --strategy full --precision bf16 --image-size 64 --sync-batchnorm --nproc-per-node 1
+fi
+fi
 
+if [ "$DEVICE" = cuda ] && [ "$LARGE" = 1 ] && [ "$ONLY" != checks ]; then
 for bench in benchmarks/*.py; do
   name="bench-$(basename "$bench" .py)"
   extra=()
@@ -160,11 +188,13 @@ step "bench-mfu" "$PY" benchmarks/train_step.py --device cuda --json --backbones
 cp "$OUT_DIR/logs/bench-mfu.log" "$OUT_DIR/bench-mfu.json" 2>/dev/null || true
 fi
 
-"$PY" - "$OUT_DIR" "${RESULTS[@]}" <<'EOF'
-import json, sys
-out_dir, rows = sys.argv[1], sys.argv[2:]
-table = [dict(zip(("step", "status", "seconds"), row.split(" "))) for row in rows]
-json.dump(table, open(f"{out_dir}/smoke.json", "w"), indent=1)
+wait
+FAILED=$(cat "$STATUS_DIR"/* | grep -c " FAIL(" || true)
+"$PY" - "$OUT_DIR" "$STATUS_DIR" <<'EOF'
+import json, pathlib, sys
+out_dir, status_dir = sys.argv[1], pathlib.Path(sys.argv[2])
+rows = [path.read_text().split() for path in sorted(status_dir.iterdir())]  # in the order the steps were started
+json.dump([dict(zip(("step", "status", "seconds"), row)) for row in rows], open(f"{out_dir}/smoke.json", "w"), indent=1)
 EOF
 echo "gpu_smoke: $FAILED failed step(s); logs in $OUT_DIR/logs, table in $OUT_DIR/smoke.json"
 exit "$FAILED"
