@@ -14,6 +14,7 @@ import importlib
 from importlib import metadata as _metadata
 from typing import Any
 
+from cdft_core.components import Component, Lazy
 from cdft_core.data.folds import (
     LOW_DATA,
     PROTOCOLS,
@@ -38,7 +39,7 @@ from cdft_core.errors import CdftError, Interrupted, PluginError, PluginUnavaila
 from cdft_core.functional.pytree import FROZEN
 from cdft_core.hookspecs import hookimpl
 from cdft_core.models.foundation_table import FOUNDATION_MODELS, foundation_data_config
-from cdft_core.registry import Component, Lazy, get_registry, load_registry, use_registry
+from cdft_core.registry import get_registry, load_registry, use_registry
 from cdft_core.strategy import (
     TRAINABLE,
     Stage,

@@ -20,15 +20,15 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import Any
 
 import pluggy
 
 from cdft_core import hookspecs
+from cdft_core.components import Component, Metadata, PluginInfo, Resolver
 from cdft_core.errors import PluginError, PluginUnavailable, UsageError
-from cdft_core.text import env_flag, jsonable, one_line
+from cdft_core.text import env_flag, one_line
 
 KINDS: tuple[str, ...] = ("dataset", "backbone", "adapter", "strategy")
 PLURALS: dict[str, str] = {"dataset": "datasets", "backbone": "backbones", "adapter": "adapters", "strategy": "strategies"}
@@ -56,97 +56,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
 }
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-/ ]*$")
-
-
-class Lazy:
-    """A metadata value computed on first access (e.g. a data config that needs timm).
-
-    ``cdft list`` prints only cheap columns, so a plugin can describe expensive facts
-    without making listing import torch: ``metadata={"data_config": Lazy(fn)}``.
-    """
-
-    def __init__(self, compute: Callable[[], Any]) -> None:
-        self._compute = compute
-        self._done = False
-        self._value: Any = None
-
-    def get(self) -> Any:
-        if not self._done:
-            self._value, self._done = self._compute(), True
-        return self._value
-
-
-class Metadata(Mapping):
-    """A read-only mapping that resolves :class:`Lazy` values when they are read."""
-
-    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
-        self._data = dict(data or {})
-
-    def __getitem__(self, key: str) -> Any:
-        value = self._data[key]
-        return value.get() if isinstance(value, Lazy) else value
-
-    def __iter__(self):
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __repr__(self) -> str:
-        return f"Metadata({list(self._data)})"
-
-
-@dataclass(frozen=True)
-class Component:
-    """One registered component: what ``cdft list`` shows and what a factory builds from."""
-
-    name: str
-    kind: str
-    factory: Callable[..., Any]
-    description: str
-    provider: str
-    metadata: Mapping[str, Any] = field(default_factory=Metadata)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "provider": self.provider,
-            "description": self.description,
-            "metadata": jsonable(dict(self.metadata)),
-        }
-
-
-@dataclass(frozen=True)
-class Resolver:
-    """An open-ended provider: claims names it recognises (e.g. any timm model name).
-
-    ``claim(name)`` returns ``None`` or a mapping with ``factory`` and optionally
-    ``description``, ``metadata`` and ``name`` (a canonical spelling).
-    ``catalogue()`` lists the names it can resolve, for ``cdft list --all`` and patterns.
-    """
-
-    kind: str
-    provider: str
-    claim: Callable[[str], Mapping[str, Any] | None]
-    catalogue: Callable[[], Iterable[str]] | None
-    description: str
-
-
-@dataclass
-class PluginInfo:
-    """What ``cdft plugins`` reports for one plugin."""
-
-    name: str
-    distribution: str
-    version: str
-    builtin: bool
-    hooks: list[str] = field(default_factory=list)
-    status: str = "ok"  # ok | broken | unavailable
-    error: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Registrar:
@@ -218,6 +127,11 @@ class Registry:
                     pass  # documented rule: an explicit override wins
                 elif old_override and not override:
                     continue  # the earlier explicit override stays
+                elif override:
+                    raise PluginError(
+                        f"{component.kind} {component.name!r} is overridden (override=True) by both plugin "
+                        f"{old.provider!r} and plugin {component.provider!r}; only one may override it: drop "
+                        f"override=True from one, or disable one with CDFT_DISABLE_PLUGINS")
                 else:
                     raise PluginError(
                         f"{component.kind} {component.name!r} is registered by both plugin {old.provider!r} and plugin "
@@ -305,8 +219,9 @@ class Registry:
             more = " --all" if self.resolvers[kind] else ""
             message += f"; see `cdft list {PLURALS[kind]}{more}`"
         for info in self.plugins:  # only those that may provide this kind (hooks unknown: may)
-            if info.status == "unavailable" and (not info.hooks or HOOKS[kind] in info.hooks):
-                message += f" (plugin {info.name!r} is unavailable: {info.error})"
+            if info.status != "ok" and (not info.hooks or HOOKS[kind] in info.hooks):
+                state = "is unavailable" if info.status == "unavailable" else "failed to load"
+                message += f" (plugin {info.name!r} {state}: {info.error})"
         return message
 
 
@@ -384,7 +299,13 @@ def load_registry(*, builtins: bool = True, entry_points: bool = True,
     for info, load in candidates:
         if info.name in (disabled or set()):
             continue
+        taken = next((p for p in registry.plugins if p.name == info.name), None)
         registry.plugins.append(info)
+        if taken is not None:  # pluggy would refuse it with a repr of every plugin module
+            _fail(info, PluginError(f"its plugin name {info.name!r} is already taken by the plugin from "
+                                    f"{taken.distribution}; rename the entry point in {info.distribution}'s "
+                                    f"[project.entry-points.cdft]"), "while loading", strict)
+            continue
         _load_one(pm, registry, info, load, strict)
     return registry
 
@@ -409,10 +330,20 @@ def _load_one(pm: pluggy.PluginManager, registry: Registry, info: PluginInfo, lo
     except PluginUnavailable as exc:
         info.status, info.error = "unavailable", one_line(str(exc))
     except Exception as exc:
-        info.status = "broken"
-        info.error = one_line(f"{type(exc).__name__}: {exc}" if not isinstance(exc, PluginError) else str(exc))
-        if strict:
-            raise PluginError(f"plugin {info.name!r} failed {where}: {info.error}") from exc
+        _fail(info, exc, where, strict)
+
+
+def _fail(info: PluginInfo, exc: Exception, where: str, strict: bool) -> None:
+    """Mark ``info`` broken with a one-line error saying where it failed (re-raised when strict).
+
+    The whole plugin is dropped, not just the hook that failed: its components may depend on
+    each other (a strategy on its adapter), so half a plugin is never registered.
+    """
+    info.status = "broken"
+    error = one_line(f"{type(exc).__name__}: {exc}" if not isinstance(exc, PluginError) else str(exc))
+    info.error = error if where == "while loading" else f"{where}: {error}"
+    if strict:
+        raise PluginError(f"plugin {info.name!r} failed {where}: {error}") from exc
 
 
 def _same_plugin(ep: Any, name: str, obj: object) -> bool:

@@ -158,10 +158,10 @@ def test_plugins_command_works_in_strict_mode_and_shows_whole_errors(site):
     table = cdft("plugins", site=site, strict=True)
     assert table.returncode == 0, table.stderr
     line = next(row for row in table.stdout.splitlines() if row.startswith("zz-half"))
-    assert line.endswith(f"broken: ValueError: {LONG.strip()}")
+    assert line.endswith(f"broken: in register_strategies: ValueError: {LONG.strip()}")
     assert len(line) > 120
     as_json = cdft("plugins", "--json", site=site, strict=True)
     assert as_json.returncode == 0, as_json.stderr
     info = {p["name"]: p for p in json.loads(as_json.stdout)}
     assert info["zz-half"]["status"] == "broken"
-    assert info["zz-half"]["error"] == f"ValueError: {LONG.strip()}"
+    assert info["zz-half"]["error"] == f"in register_strategies: ValueError: {LONG.strip()}"

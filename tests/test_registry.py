@@ -80,6 +80,35 @@ def test_two_overrides_still_clash():
         ("beta", plugin(register_datasets=datasets("tiles", override=True))),
     )
     assert reg.plugin("beta").status == "broken"
+    assert "overridden (override=True) by both plugin 'alpha' and plugin 'beta'; only one may override it" \
+        in reg.plugin("beta").error  # not "pass override=True": both did
+
+
+def test_a_second_plugin_of_the_same_name_gets_one_line_not_pluggys_repr():
+    reg = registry_of(("alpha", plugin(register_datasets=datasets("tiles"))),
+                      ("alpha", plugin(register_datasets=datasets("other"))))
+    first, second = reg.plugins
+    assert first.status == "ok" and second.status == "broken"
+    assert second.error.startswith("its plugin name 'alpha' is already taken by the plugin from ")
+    assert "rename the entry point" in second.error and "<module" not in second.error
+    assert [c.name for c in reg.list("datasets")] == ["tiles"]
+    with pytest.raises(PluginError, match=r"^plugin 'alpha' failed while loading: its plugin name 'alpha' is already taken"):
+        registry_of(("alpha", plugin()), ("alpha", plugin()), strict=True)
+
+
+def test_unknown_name_mentions_a_broken_plugin_of_its_kind():
+    """``cdft run --strategy mine`` whose plugin failed says so: commands other than list,
+    show and prepare print no load warnings, so the unknown-name error is where it shows."""
+    def register_strategies(register):
+        raise ValueError("unknown setting 'lr_scal'")
+
+    reg = registry_of(("mine", plugin(register_strategies=register_strategies)))
+    with pytest.raises(UsageError, match=r"unknown strategy 's-missing'.*\(plugin 'mine' failed to load: in "
+                                         r"register_strategies: ValueError: unknown setting 'lr_scal'\)"):
+        reg.get("strategy", "s-missing")
+    with pytest.raises(UsageError) as caught:
+        reg.get("dataset", "nothing")
+    assert "mine" not in str(caught.value)  # it provides no datasets
 
 
 def test_hook_raising_is_isolated():
@@ -92,7 +121,7 @@ def test_hook_raising_is_isolated():
         ("good", plugin(register_datasets=datasets("tiles"))),
     )
     bad = reg.plugin("bad")
-    assert bad.status == "broken" and bad.error == "RuntimeError: boom in hook"
+    assert bad.status == "broken" and bad.error == "in register_backbones: RuntimeError: boom in hook"
     assert reg.get("dataset", "tiles").provider == "good"
     with pytest.raises(UsageError):
         reg.get("backbone", "half")
@@ -199,7 +228,7 @@ def test_a_plugin_whose_later_hook_raises_registers_nothing():
         ("good", plugin(register_datasets=datasets("tiles"))),
     )
     bad = reg.plugin("bad")
-    assert bad.status == "broken" and bad.error == "RuntimeError: no strategies today"
+    assert bad.status == "broken" and bad.error == "in register_strategies: RuntimeError: no strategies today"
     assert bad.hooks == ["register_datasets", "register_strategies"]
     assert [p.name for p in reg.problems()] == ["bad"]
     assert [c.name for c in reg.list("datasets")] == ["tiles"]  # bad-tiles was committed by no one
