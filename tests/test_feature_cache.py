@@ -230,3 +230,24 @@ def test_cache_list_and_clear_show_and_free_feature_caches(tmp_path):
     store.close()
     code, out, _ = invoke("cache", "clear", "--cache-dir", str(tmp_path))
     assert code == 0 and "removed 1 cache" in out and list_caches(str(tmp_path)) == []
+
+
+def test_a_backbone_whose_code_changed_gives_a_new_key(tmp_path, monkeypatch):
+    """Same weights, edited source (a plugin backbone installed editable, no new version):
+    its stored features are not the new code's, so the key changes; unchanged code, same key."""
+    import importlib
+
+    from cdft_core.training.frozen import code_digest
+
+    source = tmp_path / "h3_net.py"
+    text = ("import torch\n\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+            "        self.fc = torch.nn.Linear(2, 2)\n\n    def forward(self, x):\n        return self.fc(x){}\n")
+    source.write_text(text.format(""))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("h3_net")
+    before = code_digest(module.Net())
+    assert code_digest(module.Net()) == before
+    assert code_digest(torch.nn.Sequential(module.Net(), torch.nn.ReLU())) == before  # torch's classes: its version
+    source.write_text(text.format(" * 2"))
+    module = importlib.reload(module)
+    assert code_digest(module.Net()) != before

@@ -22,16 +22,19 @@ parameter frozen), what it returns for an image does not change during the stage
 
 The key (:mod:`cdft_core.training.feature_store`) holds the backbone, a SHA-256 of its
 weights and buffers (a changed weight file, or weights a previous stage trained, give a
-new cache), the data config, the image-cache key of the run's images (paths and file
+new cache), a SHA-256 of the source of its classes (:func:`code_digest`), the data config, the image-cache key of the run's images (paths and file
 fingerprints), the split's ordered paths, the precision and device, and per store either
 the evaluation shard (rank, world size, batch size) or the views, the seed and ``--augment``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,7 +81,8 @@ class FeatureSource:
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         key = {"backbone": model.spec["backbone"], "image_size": model.spec["image_size"],
                "data_config": {k: v for k, v in model.data_config.items() if k != "source"},
-               "weights": weight_digest(model.backbone), "images": images_key, "parts": list(parts),
+               "weights": weight_digest(model.backbone), "code": code_digest(model.backbone),
+               "images": images_key, "parts": list(parts),
                "precision": precision, "device": where,
                "versions": {"cdft": __version__, "torch": torch.__version__, "timm": timm.__version__}}
         return cls(model, parts, precision, dist, key, root, cache_dir, log)
@@ -117,6 +121,25 @@ def weight_digest(module: torch.nn.Module) -> str:
         values = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}\t{values.dtype}\t{tuple(tensor.shape)}\n".encode())
         digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def code_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of the source files that define ``module``'s classes and their bases (torch's
+    aside: its version is in the key).
+
+    The same weights through edited code are other features: a plugin backbone changed in
+    place (an editable install, no new version) or cdft's own wrapper must not reuse a store
+    its old code wrote. Only the classes' own modules are read, not helpers they import.
+    """
+    names = sorted({cls.__module__ for sub in module.modules() for cls in type(sub).__mro__
+                    if cls.__module__ != "builtins" and cls.__module__.split(".")[0] != "torch"})
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(f"{name}\n".encode())
+        path = getattr(sys.modules.get(name), "__file__", None)
+        with contextlib.suppress(OSError):  # a module without a readable file (zipped): its name still counts
+            digest.update(Path(path).read_bytes() if path else b"")
     return digest.hexdigest()
 
 
