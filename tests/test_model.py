@@ -187,6 +187,47 @@ def test_an_adapter_without_out_dim_is_reported():
         build_model("test_vit", "broken", 2, pretrained=False, registry=registry)
 
 
+class _Sized(nn.Module):
+    """An adapter that declares ``out_dim`` and returns ``width`` features per image."""
+
+    def __init__(self, out_dim, width):
+        super().__init__()
+        self.out_dim, self.width = out_dim, width
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, tokens, pooled):
+        assert not self.training  # checked in eval mode: no dropout draw, no state change
+        return self.drop(pooled[:, : self.width])
+
+
+def test_an_adapter_whose_output_differs_from_its_out_dim_is_refused_at_build():
+    """Caught when the model is built (before any run directory), naming the adapter and its
+    plugin, instead of a bare matrix-size error in the first training step."""
+    class Plugin:
+        @hookimpl
+        def register_adapters(self, register):
+            register("wrongdim", lambda **kw: _Sized(out_dim=19, width=16))
+            register("rightdim", lambda **kw: _Sized(out_dim=16, width=16))
+            register("crashes", lambda **kw: (_ for _ in ()).throw(ValueError("oops, plugin bug")))
+
+        @hookimpl
+        def register_backbones(self, register):
+            register("crashnet", lambda **kw: (_ for _ in ()).throw(ValueError("no weights for you")))
+
+    import cdft_plugins.timm_backbones as timm_plugin
+
+    registry = load_registry(builtins=False, entry_points=False, extra_plugins=[("timm", timm_plugin), ("h3", Plugin())])
+    with pytest.raises(CdftError, match=r"^adapter 'wrongdim' \(plugin 'h3'\) declares out_dim 19 but returns features "
+                                        r"of shape \(16,\) per image; make out_dim the size of its output$"):
+        build_model("test_vit", "wrongdim", 2, pretrained=False, image_size=32, registry=registry)
+    model = build_model("test_vit", "rightdim", 2, pretrained=False, image_size=32, registry=registry)
+    assert model.adapter.training and model.head.in_features == 16
+    with pytest.raises(CdftError, match=r"^adapter 'crashes' \(plugin 'h3'\) failed to build: ValueError: oops, plugin bug$"):
+        build_model("test_vit", "crashes", 2, pretrained=False, image_size=32, registry=registry)
+    with pytest.raises(CdftError, match=r"^backbone 'crashnet' \(plugin 'h3'\) failed to build: ValueError: no weights"):
+        build_model("crashnet", "rightdim", 2, pretrained=False, registry=registry)
+
+
 # -- spec and rebuild -------------------------------------------------------------------
 
 

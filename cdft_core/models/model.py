@@ -22,15 +22,16 @@ the backbone's tokens (B×N×C) and pooled features (B×pooled_dim) to B×out_di
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from cdft_core.errors import CdftError, UsageError
+from cdft_core.errors import CdftError, PluginUnavailable, UsageError
 from cdft_core.registry import get_registry
 from cdft_core.text import jsonable, parse_bool
 
@@ -159,17 +160,20 @@ def build_model(
     adapter_component = registry.get("adapter", adapter)
     options = resolve_adapter_options(adapter_component, adapter_options)
 
-    bb = backbone_component.factory(
-        pretrained=pretrained, weights=weights, image_size=image_size, grad_checkpointing=grad_checkpointing
-    )
+    with _named(backbone_component, "failed to build"):
+        bb = backbone_component.factory(
+            pretrained=pretrained, weights=weights, image_size=image_size, grad_checkpointing=grad_checkpointing
+        )
     data_config = _checked_data_config(bb, backbone_component.name)
     size = int(getattr(bb, "image_size", None) or data_config["input_size"][-1])
     num_tokens = int(bb.num_tokens(size))
     pooled_dim = int(getattr(bb, "pooled_dim", bb.dim))
-    ad = adapter_component.factory(dim=int(bb.dim), num_tokens=num_tokens, pooled_dim=pooled_dim, **options)
+    with _named(adapter_component, "failed to build"):
+        ad = adapter_component.factory(dim=int(bb.dim), num_tokens=num_tokens, pooled_dim=pooled_dim, **options)
     out_dim = getattr(ad, "out_dim", None)
     if not isinstance(out_dim, int) or out_dim < 1:
         raise CdftError(f"adapter {adapter_component.name!r} (plugin {adapter_component.provider!r}) has no positive integer out_dim")
+    _check_adapter_output(ad, adapter_component, dim=int(bb.dim), num_tokens=num_tokens, pooled_dim=pooled_dim)
     head = nn.Linear(out_dim, int(num_classes))
     spec = {
         "format": SPEC_FORMAT,
@@ -189,6 +193,38 @@ def build_model(
 
         spec["hub_config"] = recorded_config(bb.hub_config)
     return CdftModel(bb, ad, head, data_config=data_config, spec=spec)
+
+
+@contextlib.contextmanager
+def _named(component: Any, what: str) -> Iterator[None]:
+    """An unexpected error of a plugin's factory says which component failed (cdft's own
+    one-line errors pass through unchanged)."""
+    try:
+        yield
+    except (CdftError, PluginUnavailable):
+        raise
+    except Exception as exc:
+        raise CdftError(f"{component.kind} {component.name!r} (plugin {component.provider!r}) {what}: "
+                        f"{type(exc).__name__}: {exc}") from exc
+
+
+def _check_adapter_output(adapter: nn.Module, component: Any, *, dim: int, num_tokens: int, pooled_dim: int) -> None:
+    """Run the adapter once on zeros shaped like the backbone's outputs and compare with its
+    ``out_dim``: a wrong ``out_dim`` otherwise surfaces mid-training as a bare matrix-size
+    error after the run directory exists. Eval mode and zeros: no random draw, no state change."""
+    was_training = adapter.training
+    adapter.eval()
+    device = next(iter(adapter.parameters()), torch.empty(0)).device
+    try:
+        with torch.no_grad(), _named(component, f"failed on zeros shaped like the backbone's tokens (1×{num_tokens}×{dim}) "
+                                                f"and pooled features (1×{pooled_dim})"):
+            out = adapter(torch.zeros(1, num_tokens, dim, device=device), torch.zeros(1, pooled_dim, device=device))
+    finally:
+        adapter.train(was_training)
+    if tuple(out.shape) != (1, adapter.out_dim):
+        raise CdftError(f"adapter {component.name!r} (plugin {component.provider!r}) declares out_dim {adapter.out_dim} "
+                        f"but returns features of shape {tuple(out.shape)[1:]} per image; make out_dim the size of "
+                        f"its output")
 
 
 def model_from_spec(spec: Mapping[str, Any], registry: Any = None) -> CdftModel:
