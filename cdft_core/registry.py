@@ -81,7 +81,8 @@ class Registrar:
         override: bool = False,
     ) -> None:
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise PluginError(f"plugin {self.provider!r} registered an invalid {self.kind} name {name!r}")
+            raise PluginError(f"plugin {self.provider!r} registered an invalid {self.kind} name {name!r}: a name "
+                              f"starts with a letter or digit, then letters, digits, spaces and _ . : - /")
         if not callable(factory):
             raise PluginError(f"plugin {self.provider!r}: the factory for {self.kind} {name!r} is not callable")
         component = Component(

@@ -152,7 +152,7 @@ def run_command(ctx: click.Context, config_file: str | None, resume: str | None,
         return
     summary = _train(config, resume)
     if summary is not None:
-        print_results(summary)
+        print_results(summary, tensorboard=config.tensorboard)
 
 
 def config_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -207,8 +207,9 @@ def _train(config: RunConfig, resume: str | None) -> dict[str, Any] | None:
     return engine.main(config, resume=resume, argv=sys.argv)
 
 
-def print_results(summary: Mapping[str, Any]) -> None:
-    """The result table (validation and test at the best epoch of each stage) and where to look next."""
+def print_results(summary: Mapping[str, Any], *, tensorboard: bool = True) -> None:
+    """The result table (validation and test at the best epoch of each stage) and where to look
+    next (the TensorBoard command only where event files were written)."""
     from cdft_core.training.metrics import format_confusion, format_table
 
     columns: dict[str, dict[str, Any]] = {}
@@ -223,5 +224,5 @@ def print_results(summary: Mapping[str, Any]) -> None:
     click.echo(f"\ntest confusion matrix:\n{format_confusion(summary['test']['confusion_matrix'], summary['classes'])}")
     run_dir = summary["run_dir"]
     click.echo(f"\nrun directory: {run_dir}")
-    if summary.get("kind") != "probe":  # a probe writes no event files
+    if summary.get("kind") != "probe" and tensorboard:  # a probe, or --no-tensorboard, writes no event files
         click.echo(f"tensorboard --logdir {run_dir.rstrip('/')}/tensorboard")

@@ -278,9 +278,11 @@ def test_a_paper_hed_run_records_it_and_resumes_exactly(tmp_path_factory, tmp_pa
     args = quick_args(root, split, strategy="full", epochs=2,
                       extra=("--augment", "paper+hed", "--max-steps-per-epoch", "3", "--no-tensorboard"))
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
-    code, _, err = invoke(*args, "--output", str(reference))
+    code, out, err = invoke(*args, "--output", str(reference))
     assert code == 0, err
     assert yaml.safe_load((reference / "config.yaml").read_text())["augment"] == "paper+hed"
+    assert "run directory:" in out and "tensorboard --logdir" not in out  # --no-tensorboard: no event files to open
+    assert not (reference / "tensorboard").exists()
 
     sigterm = {"CDFT_TEST_FAULT": "stage=1,epoch=2,step=1,action=sigterm"}  # in the middle of epoch 2
     code, _, err = invoke(*args, "--output", str(run_dir), env=sigterm)

@@ -180,6 +180,9 @@ def test_invalid_registrations_are_plugin_errors():
 
     reg = registry_of(("x", plugin(register_strategies=register_strategies)))
     assert "not callable" in reg.plugin("x").error
+    reg = registry_of(("y", plugin(register_strategies=lambda register: register("bad name!", dict))))
+    assert reg.plugin("y").error.endswith("invalid strategy name 'bad name!': a name starts with a letter or digit, "
+                                          "then letters, digits, spaces and _ . : - /")
 
 
 def test_kind_names():
