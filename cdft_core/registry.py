@@ -191,6 +191,15 @@ class Registry:
     def plugin(self, name: str) -> PluginInfo | None:
         return next((p for p in self.plugins if p.name == name), None)
 
+    def provenance(self, kind: str, name: str) -> dict[str, str]:
+        """The component ``name`` resolves to, the plugin that registered it and that plugin's
+        distribution and version: what a run records so that a machine lacking a third-party
+        plugin can say which package to install."""
+        component = self.get(kind, name)
+        info = self.plugin(component.provider)
+        return {"name": component.name, "plugin": component.provider,
+                "distribution": info.distribution if info else "?", "version": info.version if info else "?"}
+
     def problems(self) -> list[PluginInfo]:
         """Plugins that failed to load (not the merely unavailable ones)."""
         return [p for p in self.plugins if p.status == "broken"]

@@ -37,6 +37,12 @@ def _check_run_dir(run_dir: Path, stages: list[str]) -> dict:
     environment = read_json(run_dir / "environment.json")
     assert environment["packages"]["torch"] and environment["command"]
     summary = read_json(run_dir / "summary.json")
+    plugins = environment["plugins"]  # which plugin and package provided each component
+    assert plugins["dataset"]["plugin"] == "breakhis" and plugins["backbone"]["plugin"] == "timm"
+    assert {row["distribution"] for row in plugins.values()} == {"cdft"} and plugins["strategy"]["name"] == summary["strategy"]
+    from cdft_core.training.checkpoint import read_model
+
+    assert read_model(str(run_dir / f"stage{len(stages)}-{stages[-1]}" / "best.safetensors"))[1]["cdft_plugins"] == plugins
     assert summary["status"] == "complete" and [s["name"] for s in summary["stages"]] == stages
     splits = {(line["stage"], line["epoch"], line["split"]) for line in metric_lines(run_dir)}
     assert {split for _, _, split in splits} == {"train", "val", "test"}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import cdft_core
 from cdft_core import hookimpl
 from cdft_core.errors import CdftError, UsageError
 from cdft_core.models.adapters import Cdtm, PooledAdapter
@@ -272,3 +273,21 @@ def test_bad_specs_are_clear_errors():
 
 def test_cdtm_module_is_the_registered_adapter():
     assert isinstance(tiny().adapter, Cdtm)
+
+
+def test_a_checkpoint_whose_plugin_is_missing_names_the_package_to_install():
+    """A run records the plugin and package of each component; where that plugin is not
+    installed, the unknown-name error says what to install instead of pointing elsewhere."""
+    from cdft_core.inference.model_loading import model_from_tensors
+
+    assert get_registry().provenance("backbone", "test_vit") == {
+        "name": "test_vit.r160_in1k", "plugin": "timm", "distribution": "cdft", "version": cdft_core.__version__}
+    spec = dict(build_model("test_vit", "none", 2, pretrained=False, image_size=32).spec, backbone="tinynet")
+    plugins = {"backbone": {"name": "tinynet", "plugin": "h3", "distribution": "cdft-h3", "version": "0.1.0"}}
+    with pytest.raises(UsageError, match=r"^unknown backbone 'tinynet'.*; the checkpoint was made with backbone 'tinynet' "
+                                         r"of plugin 'h3' \(cdft-h3 0.1.0\): install that package here "
+                                         r"\(pip install cdft-h3\)$"):
+        model_from_tensors({}, {"cdft_spec": spec, "cdft_plugins": plugins}, "best.safetensors")
+    with pytest.raises(UsageError) as caught:  # a checkpoint from before the record: the plain error
+        model_from_tensors({}, {"cdft_spec": spec}, "best.safetensors")
+    assert "the checkpoint was made with" not in str(caught.value)

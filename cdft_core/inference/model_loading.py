@@ -8,6 +8,8 @@ preprocessing and the same classes as the run that wrote it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -32,7 +34,8 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], c
     """
     from cdft_core.models.model import model_from_spec
 
-    model = model_from_spec(meta["cdft_spec"])
+    with recorded_plugins(meta):
+        model = model_from_spec(meta["cdft_spec"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CdftError(f"{checkpoint!r} does not fit its own model spec ({len(missing)} missing, "
@@ -40,6 +43,23 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], c
     model.to(device)
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def recorded_plugins(meta: Mapping[str, Any]) -> Iterator[None]:
+    """An unknown component of a checkpoint names the third-party plugin that provided it in
+    training (``cdft_plugins`` in its metadata) and the package to install."""
+    try:
+        yield
+    except UsageError as exc:
+        recorded = meta.get("cdft_plugins")
+        for kind, row in (recorded.items() if isinstance(recorded, Mapping) else ()):
+            if (isinstance(row, Mapping) and row.get("distribution") not in (None, "cdft", "?")
+                    and str(exc).startswith(f"unknown {kind} {row.get('name')!r}")):
+                raise UsageError(f"{exc}; the checkpoint was made with {kind} {row['name']!r} of plugin "
+                                 f"{row.get('plugin')!r} ({row['distribution']} {row.get('version')}): install "
+                                 f"that package here (pip install {row['distribution']})") from exc
+        raise
 
 
 def inference_precision(saved: Any, device: str) -> str:

@@ -165,7 +165,7 @@ def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | N
     from cdft_core.data.images import ImageDataset
     from cdft_core.data.splits import load_splits
     from cdft_core.data.transforms import eval_transform
-    from cdft_core.inference.model_loading import inference_precision, model_from_tensors
+    from cdft_core.inference.model_loading import inference_precision, model_from_tensors, recorded_plugins
     from cdft_core.training.checkpoint import read_model
 
     checkpoint = find_checkpoint(target)
@@ -173,11 +173,12 @@ def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | N
     if "cdft_config" not in meta:
         raise UsageError(f"{checkpoint!r} has no run configuration in its metadata; it was not written by `cdft run`")
     config = merge(RunConfig(), meta["cdft_config"], source=checkpoint)
-    splits = load_splits(
-        config.dataset, data_root or config.data_root, split_file=split_file or config.split_file,
-        val_fold=config.val_fold, test_fold=config.test_fold, protocol=config.protocol,
-        options=config.dataset_options, folds=config.folds, seed=config.seed,
-    )
+    with recorded_plugins(meta):
+        splits = load_splits(
+            config.dataset, data_root or config.data_root, split_file=split_file or config.split_file,
+            val_fold=config.val_fold, test_fold=config.test_fold, protocol=config.protocol,
+            options=config.dataset_options, folds=config.folds, seed=config.seed,
+        )
     classes = list(meta.get("cdft_classes") or splits.classes)
     if list(splits.classes) != classes:
         raise CdftError(f"the data has classes {splits.classes} but the checkpoint was trained on {classes}")

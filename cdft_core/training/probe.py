@@ -229,7 +229,7 @@ def _write(rundir: Any, config: RunConfig, model: Any, splits: Any, probe: dict[
            log: RunLog, argv: list[str] | None, precision: str, started: float) -> dict[str, Any]:
     """The run directory's files (the model holds the chosen head); returns the summary."""
     from cdft_core.training.checkpoint import save_model
-    from cdft_core.training.rundir import environment_info
+    from cdft_core.training.rundir import environment_info, run_plugins
 
     table, choice = probe["heads"], probe["chosen"] - 1
     heads = [(row["lr"], row["weight_decay"]) for row in table]
@@ -237,7 +237,8 @@ def _write(rundir: Any, config: RunConfig, model: Any, splits: Any, probe: dict[
     config = dataclasses.replace(config, lr=lr, weight_decay=weight_decay)
     chosen = table[choice]
     rundir.write_text("config.yaml", dump_yaml(config))
-    rundir.write_text("environment.json", json.dumps(environment_info(list(argv or sys.argv), 1), indent=2))
+    plugins = run_plugins(config, model.spec)
+    rundir.write_text("environment.json", json.dumps(environment_info(list(argv or sys.argv), 1, plugins), indent=2))
     lines = []
     for epoch, (losses, accuracies) in enumerate(zip(result.losses, result.accuracies, strict=True), start=1):
         for h, (head_lr, head_wd) in enumerate(heads):
@@ -252,7 +253,7 @@ def _write(rundir: Any, config: RunConfig, model: Any, splits: Any, probe: dict[
     rundir.write_text("metrics.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     save_model(rundir, f"{STAGE_DIR}/best.safetensors", model.state_dict(), {
         "cdft_spec": model.spec, "cdft_config": config.to_dict(), "cdft_classes": splits.classes,
-        "cdft_stage": "linear", "cdft_stage_index": 1, "cdft_epoch": chosen["best_epoch"],
+        "cdft_plugins": plugins, "cdft_stage": "linear", "cdft_stage_index": 1, "cdft_epoch": chosen["best_epoch"],
         "cdft_probe": {"head": choice + 1, "lr": lr, "weight_decay": weight_decay},
     })
     best = {"stage": "linear", "epoch": chosen["best_epoch"], "val": chosen["val"], "test": chosen["test"]}

@@ -15,6 +15,7 @@ from cdft_core.training import metrics as metrics_lib
 from cdft_core.training.checkpoint import RESUME_DIR, capture_rng, read_model, resume_tag, save_model, save_resume
 from cdft_core.training.distributed import all_gather_objects, barrier, broadcast_object
 from cdft_core.training.loaders import train_order
+from cdft_core.training.rundir import run_plugins
 from cdft_core.training.state import Run
 from cdft_core.training.tensorboard_log import grid_per_class, pick_grid
 
@@ -95,7 +96,7 @@ def save_best(run: Run, index: int, weights: Mapping[str, torch.Tensor] | None =
     directory = stage_dir(run, index)
     save_model(run.rundir, f"{directory}/best.safetensors", weights, {
         "cdft_spec": run.model.spec, "cdft_config": run.config.to_dict(), "cdft_classes": run.splits.classes,
-        "cdft_stage": stages[index].name, "cdft_stage_index": index + 1, "cdft_epoch": progress.best_epoch,
+        "cdft_plugins": run_plugins(run.config, run.model.spec), "cdft_stage": stages[index].name, "cdft_stage_index": index + 1, "cdft_epoch": progress.best_epoch,
     })
     _write_best_json(run, index)
 

@@ -23,6 +23,7 @@ import contextlib
 import os
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from cdft_core.errors import CdftError, UsageError
@@ -222,8 +223,21 @@ def open_existing(path: str) -> RunDir:
     return rundir
 
 
-def environment_info(argv: list[str], world_size: int) -> dict[str, Any]:
-    """What the run ran on: versions, command line, git commit (when available), host."""
+def run_plugins(config: Any, spec: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Each component of a run (dataset, backbone, adapter, strategy) with the plugin and
+    distribution that provided it (:meth:`Registry.provenance`), for ``environment.json``
+    and every checkpoint's metadata."""
+    from cdft_core.registry import get_registry
+
+    registry = get_registry()
+    names = {"dataset": config.dataset, "backbone": spec["backbone"], "adapter": spec["adapter"],
+             "strategy": config.strategy}
+    return {kind: registry.provenance(kind, name) for kind, name in names.items()}
+
+
+def environment_info(argv: list[str], world_size: int, plugins: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the run ran on: versions, command line, git commit (when available), host, and
+    the plugins its components came from (:func:`run_plugins`)."""
     import platform
     import socket
     import subprocess
@@ -262,5 +276,6 @@ def environment_info(argv: list[str], world_size: int) -> dict[str, Any]:
         "git_commit": commit,
         "cuda": cuda,
         "world_size": world_size,
+        "plugins": dict(plugins or {}),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

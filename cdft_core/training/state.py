@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from cdft_core.training.distributed import DistInfo, broadcast_object
 from cdft_core.training.faults import StepHook
 from cdft_core.training.loaders import RunLoaders
 from cdft_core.training.log import RunLog
-from cdft_core.training.rundir import RunDir, auto_name, create_run_dir, environment_info, open_existing
+from cdft_core.training.rundir import RunDir, auto_name, create_run_dir, environment_info, open_existing, run_plugins
 from cdft_core.training.signals import StopRequest
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ class Run:
 
 
 def open_run_dir(config: RunConfig, resume: str | None, dist_info: DistInfo, log: RunLog,
-                 argv: list[str]) -> tuple[RunDir, SavedState | None, list[dict]]:
+                 argv: list[str], spec: Mapping[str, Any]) -> tuple[RunDir, SavedState | None, list[dict]]:
     """Rank 0 creates the run directory, or reopens it to resume; every rank gets the saved state.
 
     Returns the directory, the saved state (None for a new run or one killed before its
@@ -165,7 +166,8 @@ def open_run_dir(config: RunConfig, resume: str | None, dist_info: DistInfo, log
             name = auto_name(config.dataset, config.backbone, config.strategy, config.val_fold, config.test_fold, config.seed)
             rundir = create_run_dir(config.output, config.runs_dir, name)
             rundir.write_text("config.yaml", dump_yaml(config))
-            rundir.write_text("environment.json", json.dumps(environment_info(list(argv), dist_info.world_size), indent=2))
+            rundir.write_text("environment.json", json.dumps(
+                environment_info(list(argv), dist_info.world_size, run_plugins(config, spec)), indent=2))
             url = rundir.url
         return RunDir(broadcast_object(url, dist_info)), None, []
 
