@@ -48,6 +48,14 @@ def atomic_write(destination: str, data: bytes, *, what: str = "file", make_pare
         raise CdftError(f"cannot write {what} {destination!r}: {one_line(exc)}") from exc
 
 
+def as_new_file(path: str) -> None:
+    """Give a ``tempfile.mkstemp`` file (always 0600) the mode an ordinary new file gets under
+    the umask, before it is published: colleagues on a shared cluster can read the results."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_local(data: bytes, path: str, destination: str, what: str, make_parents: bool) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if make_parents:
@@ -62,9 +70,7 @@ def _write_local(data: bytes, path: str, destination: str, what: str, make_paren
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        as_new_file(temporary)
         os.replace(temporary, path)
     except BaseException as exc:
         if os.path.exists(temporary):

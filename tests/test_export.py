@@ -5,6 +5,8 @@ failed check or a missing extra leaving no file behind."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 
 import pytest
@@ -47,10 +49,15 @@ def test_onnx_export_of_a_cdtm_run_is_checked_and_takes_any_batch(run, trained, 
     from cdft_core.inference.export import read_onnx_metadata
 
     out = tmp_path / "model.onnx"
-    code, stdout, stderr = invoke("export", str(run), "-o", str(out))
+    umask = os.umask(0o022)
+    try:
+        code, stdout, stderr = invoke("export", str(run), "-o", str(out))
+    finally:
+        os.umask(umask)
     assert code == 0, stderr
     assert "max |difference| vs PyTorch" in stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.json"]  # no temporary left
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # as any new file under the umask, not mkstemp's 0600
     meta = read_onnx_metadata(str(out))
     _check_metadata(meta, trained)
     assert json.loads((tmp_path / "model.onnx.json").read_text()) == meta

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from cdft_core.errors import CdftError, UsageError
+from cdft_core.files import as_new_file
 
 FORMATS = ("onnx", "pt2")
 INSTALL = "cdft export needs the export extra: pip install 'cdft[export]'"
@@ -155,6 +156,7 @@ def export_model(model: torch.nn.Module, output: str, fmt: str, info: dict[str, 
                 f"the {fmt} export differs from the PyTorch model by up to {difference:.3g} "
                 f"(tolerance {tolerance:g}); nothing was written to {output!r}"
             )
+        as_new_file(temporary)
         os.replace(temporary, output)
     except BaseException:
         if os.path.exists(temporary):
