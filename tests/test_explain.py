@@ -5,6 +5,7 @@ each architecture is explained at."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -120,3 +121,20 @@ def test_an_unreadable_image_is_skipped_and_listed(run, images, tmp_path, monkey
     code, _, stderr = invoke("explain", str(run), str(broken), "-o", str(tmp_path / "none"))
     assert code == 1
     assert stderr.strip().splitlines()[-1] == "1 images, 1 could not be read (listed in the lines above; nothing written)"
+    assert not (tmp_path / "none").exists()  # nothing written: not even an empty folder
+
+
+def test_an_output_that_cannot_hold_overlays_is_refused_before_the_model_loads(run, images, tmp_path, monkeypatch):
+    import cdft_core.inference.model_loading as loading
+
+    monkeypatch.setattr(loading, "load_trained", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, stderr = invoke("explain", str(run), str(images[0]), "-o", str(images[0]))
+    assert code == 2 and stderr.strip() == (f"cdft: error: cannot write the overlays into {str(images[0])!r}: "
+                                            f"it is a file; name a folder (-o DIR)")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(locked))  # as for a user without write access
+    code, _, stderr = invoke("explain", str(run), str(images[0]), "-o", str(locked / "a" / "b"))
+    assert code == 2 and stderr.strip() == (f"cdft: error: cannot write the overlays into {str(locked / 'a' / 'b')!r}: "
+                                            f"{str(locked)!r} is not writable; choose another folder (-o DIR)")
+    assert list(locked.iterdir()) == []

@@ -133,10 +133,10 @@ def explain(target: str, images: Sequence[str], output_dir: str, *, class_name: 
     from cdft_core.inference.model_loading import load_trained
 
     require_extra()
+    check_output_dir(output_dir)
     inputs = collect_inputs(images)
     model, classes, data_config, _ = load_trained(target, device=device)
     wanted = class_index(classes, class_name)
-    os.makedirs(output_dir, exist_ok=True)
     names = overlay_names([item.path for item in inputs])
     results = Explanations(total=len(inputs))
     for start in range(0, len(inputs), BATCH):
@@ -156,12 +156,26 @@ def explain(target: str, images: Sequence[str], output_dir: str, *, class_name: 
             explained = wanted if wanted is not None else int(np.argmax(probs))
             top = int(np.argmax(probs))
             path = os.path.join(output_dir, name)
+            os.makedirs(output_dir, exist_ok=True)  # only once there is something to write
             write_overlay(picture, cam, path)
             results.append(Explanation(item.path, path, classes[explained], float(probs[explained]), classes[top],
                                        float(probs[top]), (int(picture.shape[1]), int(picture.shape[2]))))
     if grid and results:
         write_grid(results[:GRID_MAX], os.path.join(output_dir, "grid.png"))
     return results
+
+
+def check_output_dir(output_dir: str) -> None:
+    """A usage error before any model is loaded when the overlays cannot go to ``output_dir``:
+    it is a file, or the nearest folder that exists above it is not writable."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"cannot write the overlays into {output_dir!r}: it is a file; name a folder (-o DIR)")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write the overlays into {output_dir!r}: {existing!r} is not writable; "
+                         f"choose another folder (-o DIR)")
 
 
 def grad_cam(model: nn.Module, pictures: Sequence[Tensor], data_config: dict[str, Any],
