@@ -300,6 +300,27 @@ def test_runs_that_differ_in_a_setting_are_separate_rows(tmp_path):
     assert "setting" in stdout
 
 
+def test_long_settings_keep_the_figures_readable(tmp_path):
+    """Rows told apart by long settings: the strategy chart gets one legend below its panels
+    (inside an axes, a long label squeezed the bars to nothing) and titles wrap; matplotlib
+    has nothing to warn about."""
+    import warnings
+
+    from PIL import Image
+
+    long = {"batch_size": 2, "epochs": 3, "max_steps_per_epoch": 2, "strategy_options": {"lr_factor": 0.1}}
+    for seed, extra in ((1, long), (2, {**long, "batch_size": 8, "epochs": 1}), (3, {})):
+        fake_run(tmp_path / "runs" / f"s{seed}", seed=seed, extra_config=extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a collapsed constrained layout is a UserWarning
+        code, _, stderr = invoke("report", str(tmp_path / "runs"), "-o", str(tmp_path / "out"))
+    assert code == 0, stderr
+    plots = tmp_path / "out" / "plots"
+    chart = next(plots.glob("strategies-*.png"))
+    width, height = Image.open(chart).size
+    assert width >= 650 and height > 680  # the panels keep their size; the legend adds to the height
+
+
 def test_a_setting_only_some_runs_have_and_an_unreadable_config_are_never_averaged_together(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs / "m40a", seed=1, extra_config={"dataset_options": {"magnification": 40}})

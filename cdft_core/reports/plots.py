@@ -81,6 +81,15 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def _wrapped(text: str, width_inches: float, fontsize: float = 9) -> str:
+    """``text`` broken into lines that fit ``width_inches`` at ``fontsize`` (a row's label can
+    carry a long setting, ``staged (batch_size=2, epochs=3, ...)``: cut off, it would hide
+    what tells two rows apart)."""
+    import textwrap
+
+    return textwrap.fill(text, width=max(20, int(width_inches * 130 / fontsize)), break_on_hyphens=False)
+
+
 # -- confusion matrices -------------------------------------------------------------------
 def confusion_figure(row: Row, split: str) -> tuple[Any, str, list[str]]:
     """Counts and row percentages of the row's test confusion matrices, summed over its runs."""
@@ -95,7 +104,7 @@ def confusion_figure(row: Row, split: str) -> tuple[Any, str, list[str]]:
     size = max(3.2, 0.55 * len(classes) + 2.2)
     figure = _figure(2 * size + 0.6, size)
     title = f"{row.label}: {split} confusion matrix, summed over {len(usable)} run(s)"
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(_wrapped(title, 2 * size + 0.6), fontsize=9)
     for axes, values, fmt, name in ((figure.add_subplot(1, 2, 1), counts, "{:d}", "images"),
                                     (figure.add_subplot(1, 2, 2), percent, "{:.1f}%", "% of the true class")):
         image = axes.imshow(values, cmap="Blues", vmin=0)
@@ -143,7 +152,7 @@ def roc_figure(row: Row, split: str) -> tuple[Any, str, list[str]]:
     axes.legend(fontsize=7, loc="lower right")
     title = (f"{row.label}: {split} ROC, one-vs-rest, pooled predictions of "
              f"{len(with_predictions)} of {row.n} run(s)")
-    axes.set_title(title, fontsize=8)
+    axes.set_title(_wrapped(title, 5.0, 8), fontsize=8)
     return figure, title, notes
 
 
@@ -173,9 +182,10 @@ def learning_figure(row: Row, split: str) -> tuple[Any, str, list[str]]:
     series = learning_series(row)
     if not series:
         return None, "", [f"{row.label}: no learning curves (no validation lines in metrics.jsonl)"]
-    figure = _figure(max(4.2, 3.6 * len(series)), 5.4)
+    width = max(4.2, 3.6 * len(series))
+    figure = _figure(width, 5.4)
     title = f"{row.label}: validation accuracy and loss per epoch (mean over {row.n} run(s), band ±1 std)"
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(_wrapped(title, width), fontsize=9)
     for column, ((index, stage), metrics) in enumerate(series.items()):
         for line, metric in enumerate(("accuracy", "loss")):
             axes = figure.add_subplot(2, len(series), line * len(series) + column + 1)
@@ -199,7 +209,11 @@ def strategy_chart(rows: Sequence[Row], split: str) -> tuple[Any, str]:
     backbones = list(dict.fromkeys(r.backbone for r in rows))
     variants = list(dict.fromkeys((r.strategy, r.setting) for r in rows))
     width = 0.8 / len(variants)
-    figure = _figure(max(6.5, 0.45 * len(backbones) * len(variants) + 2.5), 3.4 * len(CHART_METRICS))
+    inches = max(6.5, 0.45 * len(backbones) * len(variants) + 2.5)
+    labels = [_wrapped(f"{strategy} ({setting})" if setting else strategy, inches / 2 - 0.4, 7)
+              for strategy, setting in variants]
+    legend_lines = sum(label.count("\n") + 1 for label in labels[::2])  # two columns
+    figure = _figure(inches, 3.4 * len(CHART_METRICS) + 0.2 * legend_lines + 0.3)
     dataset = rows[0].dataset
     title = f"{dataset}: strategies per backbone ({split}, mean ± std over runs, n on each bar)"
     figure.suptitle(f"{dataset}: strategies per backbone\n({split}, mean ± std over runs, n on each bar)", fontsize=9)
@@ -216,13 +230,15 @@ def strategy_chart(rows: Sequence[Row], split: str) -> tuple[Any, str]:
                     means.append(float(np.mean(values)))
                     stds.append(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
                     ns.append(len(values))
-            label = f"{strategy} ({setting})" if setting else strategy
-            bars = axes.bar(xs, means, width=width * 0.95, yerr=stds, capsize=2, label=label)
+            bars = axes.bar(xs, means, width=width * 0.95, yerr=stds, capsize=2, label=labels[k],
+                            color=f"C{k % 10}")
             for bar, mean, std, n in zip(bars, means, stds, ns, strict=True):
                 axes.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, mean + std), xytext=(0, 2),
                               textcoords="offset points", ha="center", va="bottom", fontsize=6)
         axes.set_xticks(range(len(backbones)), backbones, rotation=15, ha="right", fontsize=7)
         axes.set_ylabel(LABELS[metric])
         axes.set_ylim(0, 1.05)
-        axes.legend(fontsize=7, ncols=min(4, len(variants)), loc="upper left")
+    # one legend for both panels, below them: inside an axes a long label squeezed the bars away
+    figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=7,
+                  ncols=min(2, len(variants)))
     return figure, title
