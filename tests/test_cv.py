@@ -199,6 +199,13 @@ def test_cv_runs_one_child_per_rotation_and_summarises_them(tmp_path_factory):
     assert code == 2 and "is a cross-validation directory" in err and "cdft cv --resume" in err
     code, _, err = invoke("eval", str(parent / "rotation-1"), "--json")
     assert code == 0, err  # each child is an ordinary run
+    code, _, err = invoke("eval", str(parent))  # the parent is not one run: say what it is and what to do
+    assert code == 2 and err.strip() == (f"cdft: error: {str(parent)!r} is a cross-validation directory, not one run; "
+                                         f"name one of its rotation-N runs (e.g. {parent / 'rotation-0'}), or "
+                                         f"summarise them with `cdft report {parent}`")
+    code, _, err = invoke("predict", str(parent.parent), str(parent), "-o", str(parent.parent / "p.csv"))
+    assert code == 2 and "runs, not one (a grid's or a runs folder); name one of them" in err, err
+    assert not (parent.parent / "p.csv").exists()
 
 
 @pytest.mark.slow

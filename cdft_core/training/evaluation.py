@@ -127,7 +127,7 @@ class CheckpointEvaluation:
 
 def find_checkpoint(target: str) -> str:
     """The model file to evaluate: TARGET itself, or the final best checkpoint of a run directory."""
-    from cdft_core.training.rundir import RunDir
+    from cdft_core.training.rundir import CV_PLAN, RunDir
 
     rundir = RunDir(target)
     if not rundir.exists():
@@ -136,6 +136,16 @@ def find_checkpoint(target: str) -> str:
         return target
     if rundir.exists("summary.json"):
         return rundir.join(json.loads(rundir.read_text("summary.json"))["checkpoint"])
+    if rundir.exists(CV_PLAN):
+        rotations = sorted(name for name in rundir.listdir() if name.startswith("rotation-"))
+        example = f" (e.g. {rundir.join(rotations[0])})" if rotations else ""
+        raise UsageError(f"{target!r} is a cross-validation directory, not one run; name one of its rotation-N runs"
+                         f"{example}, or summarise them with `cdft report {target}`")
+    if not rundir.exists("config.yaml"):
+        runs = [name for name in rundir.listdir() if rundir.exists(f"{name}/config.yaml") or rundir.exists(f"{name}/{CV_PLAN}")]
+        if runs:
+            raise UsageError(f"{target!r} holds {len(runs)} runs, not one (a grid's or a runs folder); name one of them "
+                             f"(e.g. {rundir.join(runs[0])}), or compare them with `cdft report {target}`")
     numbered = [(_stage_number(name), name) for name in rundir.listdir()]
     stages = [(n, name) for n, name in numbered if n is not None and rundir.exists(f"{name}/best.safetensors")]
     if not stages:
