@@ -143,11 +143,11 @@ def test_broken_plugins_are_isolated_and_reported(site):
     assert info["zz-import-error"]["status"] == "broken"
     assert "ModuleNotFoundError" in info["zz-import-error"]["error"]
     assert info["zz-hook-error"]["status"] == "broken"
-    assert info["zz-hook-error"]["error"] == "ValueError: hook exploded"
+    assert info["zz-hook-error"]["error"] == "in register_backbones: ValueError: hook exploded"
 
     table = cdft("plugins", pythonpath=site)
     line = next(row for row in table.stdout.splitlines() if row.startswith("zz-hook-error"))
-    assert "broken: ValueError: hook exploded" in line
+    assert "broken: in register_backbones: ValueError: hook exploded" in line
 
     assert cdft("--help", pythonpath=site).returncode == 0
 
