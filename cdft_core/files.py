@@ -15,6 +15,28 @@ from cdft_core.errors import CdftError, UsageError
 from cdft_core.text import one_line
 
 
+def unwritable_reason(path: str) -> str | None:
+    """Why nothing can be created at local ``path`` now, or None when it can.
+
+    Found by creating (and at once removing) a temporary file in the nearest folder that
+    exists at or above ``path``: permission bits alone miss read-only mounts, immutable
+    folders, pseudo-filesystems such as /proc, and they say yes to root. Commands ask this
+    before any compute, so a bad ``-o`` costs a second, not the whole job.
+    """
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe!r} is a file"
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".cdft-write-check.", dir=probe)
+    except OSError as exc:
+        return f"{probe!r} does not allow writing ({exc.strerror or one_line(exc)})"
+    os.close(handle)
+    os.unlink(temporary)
+    return None
+
+
 def atomic_write(destination: str, data: bytes, *, what: str = "file", make_parents: bool = False) -> None:
     """Write ``data`` to ``destination`` (a path or fsspec URL): a temporary sibling, then a rename.
 
@@ -64,7 +86,10 @@ def _write_local(data: bytes, path: str, destination: str, what: str, make_paren
         raise UsageError(f"cannot write {what} {destination!r}: folder {folder!r} does not exist")
     if os.path.isdir(path):
         raise UsageError(f"cannot write {what} {destination!r}: it is a folder; name a file")
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise CdftError(f"cannot write {what} {destination!r}: {one_line(exc)}") from exc
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)

@@ -178,8 +178,10 @@ def prepare_command(
     from cdft_core.data.report import warnings_of
     from cdft_core.data.splits import prepare_with_summary
     from cdft_core.data.tables import write_split_file
+    from cdft_core.inference.inputs import check_output
     from cdft_core.registry import get_registry
 
+    check_output(output, "split file")  # before the scan: a bad -o costs a second, not a whole dataset's scan
     options = parse_dataset_options(ctx.args)
     registry = get_registry()
     report_plugin_problems(registry)

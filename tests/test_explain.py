@@ -5,7 +5,7 @@ each architecture is explained at."""
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -133,8 +133,16 @@ def test_an_output_that_cannot_hold_overlays_is_refused_before_the_model_loads(r
                                             f"it is a file; name a folder (-o DIR)")
     locked = tmp_path / "locked"
     locked.mkdir()
-    monkeypatch.setattr(os, "access", lambda path, mode: path != str(locked))  # as for a user without write access
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # as in a folder without write access (root ignores chmod)
+        if dir == str(locked):
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     code, _, stderr = invoke("explain", str(run), str(images[0]), "-o", str(locked / "a" / "b"))
     assert code == 2 and stderr.strip() == (f"cdft: error: cannot write the overlays into {str(locked / 'a' / 'b')!r}: "
-                                            f"{str(locked)!r} is not writable; choose another folder (-o DIR)")
+                                            f"{str(locked)!r} does not allow writing (Permission denied); "
+                                            f"choose another folder (-o DIR)")
     assert list(locked.iterdir()) == []

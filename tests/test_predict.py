@@ -169,6 +169,38 @@ def test_an_unwritable_output_fails_before_any_compute(run, tmp_path, monkeypatc
         assert code == 2 and "cannot write" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_folder_that_takes_no_new_file_is_refused_before_any_work(run, tmp_path, monkeypatch):
+    """A read-only mount, an immutable folder or /proc: permission bits do not tell (and say
+    yes to root), so each command tries to create a file there first, in a second."""
+    import tempfile
+
+    import cdft_core.inference.model_loading as loading
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and str(dir).startswith(str(locked)):
+            raise OSError(30, "Read-only file system")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(loading, "load_trained", lambda *a, **k: pytest.fail("the model was loaded"))
+    picture = tmp_path / "a.png"
+    _image(picture)
+    commands = [("predict", str(run), str(picture), "-o", str(locked / "p.csv")),
+                ("embed", str(run), str(picture), "-o", str(locked / "e.safetensors")),
+                ("export", str(run), "-o", str(locked / "m.onnx")),
+                ("prepare", "imagefolder", str(tmp_path), "-o", str(locked / "s.csv")),
+                ("make-synthetic", "hcrf", str(locked / "syn"))]
+    for command in commands:
+        code, _, err = invoke(*command)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (command, err)
+        assert f"{str(locked)!r} does not allow writing (Read-only file system)" in err, (command, err)
+    assert list(locked.iterdir()) == []
+
+
 def test_stage_folders_are_parsed_defensively_and_an_incomplete_run_warns(run, tmp_path):
     import shutil
 

@@ -52,11 +52,17 @@ def _join(directory: str, *parts: str) -> str:
 
 def _open_target(directory: str, name: str, overwrite: bool) -> tuple[Any, str, str]:
     from fsspec.core import url_to_fs
+    from fsspec.implementations.local import LocalFileSystem
+
+    from cdft_core.files import unwritable_reason
 
     root = _join(directory, name)
     fs, path = url_to_fs(root)
     if fs.exists(path) and fs.find(path) and not overwrite:
         raise UsageError(f"{root} already exists and is not empty; choose another directory or remove it")
+    reason = unwritable_reason(path) if isinstance(fs, LocalFileSystem) else None
+    if reason:
+        raise UsageError(f"cannot write the data into {root}: {reason}; choose another directory")
     return fs, path, root
 
 

@@ -170,12 +170,11 @@ def check_output_dir(output_dir: str) -> None:
     it is a file, or the nearest folder that exists above it is not writable."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UsageError(f"cannot write the overlays into {output_dir!r}: it is a file; name a folder (-o DIR)")
-    existing = os.path.abspath(output_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write the overlays into {output_dir!r}: {existing!r} is not writable; "
-                         f"choose another folder (-o DIR)")
+    from cdft_core.files import unwritable_reason
+
+    reason = unwritable_reason(output_dir)
+    if reason:
+        raise UsageError(f"cannot write the overlays into {output_dir!r}: {reason}; choose another folder (-o DIR)")
 
 
 def grad_cam(model: nn.Module, pictures: Sequence[Tensor], data_config: dict[str, Any],

@@ -31,6 +31,7 @@ import torch
 
 from cdft_core.errors import CdftError, UsageError
 from cdft_core.files import as_new_file
+from cdft_core.inference.inputs import check_output
 
 FORMATS = ("onnx", "pt2")
 INSTALL = "cdft export needs the export extra: pip install 'cdft[export]'"
@@ -117,11 +118,7 @@ def export_run(target: str, output: str, fmt: str | None = None, *, tolerance: f
 
     fmt = format_for(output, fmt)
     require_extra(fmt)
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise UsageError(f"cannot write {output!r}: folder {folder!r} does not exist")
-    if os.path.isdir(output):
-        raise UsageError(f"cannot write {output!r}: it is a folder; name a file")
+    check_output(output, "the export")
     model, classes, data_config, metadata = load_trained(target, device="cpu")
     model = model.float().eval()
     from cdft_core.models.model_change import merge_change

@@ -148,11 +148,17 @@ def read_image(path: str) -> Any:
 
 def check_output(output: str, what: str = "output") -> None:
     """A usage error now (before any model is loaded) when local ``output`` cannot be written:
-    its folder does not exist, or it is itself a folder. URLs are checked when written."""
-    if "://" in output:
+    its folder does not exist or takes no new file, or it is itself a folder. URLs are
+    checked when written."""
+    from cdft_core.files import unwritable_reason
+
+    if "://" in output or "::" in output:
         return
     folder = os.path.dirname(os.path.abspath(output))
     if os.path.isdir(output):
         raise UsageError(f"cannot write {what} {one_line(output, 120)!r}: it is a folder; name a file")
     if not os.path.isdir(folder):
         raise UsageError(f"cannot write {what} {one_line(output, 120)!r}: folder {one_line(folder, 120)!r} does not exist")
+    reason = unwritable_reason(folder)
+    if reason:
+        raise UsageError(f"cannot write {what} {one_line(output, 120)!r}: {reason}; choose another place")
