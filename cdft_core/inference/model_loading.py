@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from cdft_core.errors import CdftError, UsageError
+from cdft_core.text import one_line
 
 
 def load_checkpoint_model(checkpoint: str, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -34,6 +35,7 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], c
     """
     from cdft_core.models.model import model_from_spec
 
+    check_class_count(meta, checkpoint)
     with recorded_plugins(meta):
         model = model_from_spec(meta["cdft_spec"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -43,6 +45,18 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], c
     model.to(device)
     model.eval()
     return model
+
+
+def check_class_count(meta: Mapping[str, Any], checkpoint: str) -> None:
+    """The class names a checkpoint carries must be as many as its head's outputs: otherwise
+    every prediction would be reported under the wrong (or a missing) class name."""
+    classes, spec = meta.get("cdft_classes"), meta.get("cdft_spec")
+    if not isinstance(classes, list) or not isinstance(spec, Mapping) or "num_classes" not in spec:
+        return  # nothing to compare (read_model and model_from_spec report what is missing)
+    if spec["num_classes"] != len(classes):
+        raise CdftError(f"{checkpoint!r} has damaged metadata ({len(classes)} class names but num_classes "
+                        f"{one_line(repr(spec['num_classes']), 40)} in its model spec); it was not written by this "
+                        f"cdft, or the file is corrupt")
 
 
 @contextlib.contextmanager

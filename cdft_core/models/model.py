@@ -233,9 +233,14 @@ def model_from_spec(spec: Mapping[str, Any], registry: Any = None) -> CdftModel:
     The caller loads the checkpoint's state dict into it. ``data_config`` and the weight
     source are taken from the spec as saved, never recomputed.
     """
+    if not isinstance(spec, Mapping):
+        raise CdftError("the model spec is not a JSON object; the checkpoint was not written by cdft, or it is corrupt")
     missing = [k for k in ("backbone", "adapter", "num_classes", "image_size", "data_config") if k not in spec]
     if missing:
         raise CdftError(f"model spec lacks {', '.join(missing)}; the checkpoint was not written by cdft")
+    problem = _spec_problem(spec)
+    if problem:
+        raise CdftError(f"model spec has {problem}; the checkpoint was not written by this cdft, or it is corrupt")
     if int(spec.get("format", SPEC_FORMAT)) > SPEC_FORMAT:
         raise CdftError(f"model spec format {spec['format']} is newer than this cdft understands ({SPEC_FORMAT}); upgrade cdft")
     if isinstance(spec.get("hub_config"), Mapping):
@@ -265,6 +270,49 @@ def model_from_spec(spec: Mapping[str, Any], registry: Any = None) -> CdftModel:
     model.backbone.data_config = dict(model.data_config)
     model.spec = copy.deepcopy(dict(spec))
     return model
+
+
+#: the most classes a saved spec may ask for: far above any real task, far below a head that fills memory
+MAX_CLASSES = 100_000
+#: the image sizes a saved spec may ask for (pixels per side)
+IMAGE_SIZES = (8, 8192)
+
+
+def _spec_problem(spec: Mapping[str, Any]) -> str | None:
+    """What is wrong with a saved spec's fields, or None.
+
+    A spec comes from a checkpoint's metadata, which anyone can edit: bad types must be one
+    error line (not ``int('x')``), and sizes are bounded before any tensor is allocated (a
+    ``num_classes`` of 4e8 would ask for a head of 100 GB).
+    """
+    from cdft_core.text import one_line
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def shown(value: Any) -> str:
+        return one_line(repr(value), 60)
+
+    for key in ("backbone", "adapter"):
+        if not isinstance(spec[key], str) or not spec[key]:
+            return f"a bad {key} ({shown(spec[key])}, not a name)"
+    if not is_int(spec["num_classes"]) or not 1 <= spec["num_classes"] <= MAX_CLASSES:
+        return f"a bad num_classes ({shown(spec['num_classes'])}, not an integer from 1 to {MAX_CLASSES})"
+    low, high = IMAGE_SIZES
+    if not is_int(spec["image_size"]) or not low <= spec["image_size"] <= high:
+        return f"a bad image_size ({shown(spec['image_size'])}, not an integer from {low} to {high})"
+    for key in ("format", "dim", "num_tokens"):
+        if key in spec and not is_int(spec[key]):
+            return f"a bad {key} ({shown(spec[key])}, not an integer)"
+    data_config = spec["data_config"]
+    if not isinstance(data_config, Mapping):
+        return "a data_config that is not a JSON object"
+    for key in ("input_size", "mean", "std"):
+        if key in data_config and not isinstance(data_config[key], (list, tuple)):
+            return f"a bad data_config.{key} ({shown(data_config[key])}, not a list)"
+    if not isinstance(spec.get("adapter_options") or {}, Mapping):
+        return "adapter_options that are not a JSON object"
+    return None
 
 
 def resolve_adapter_options(component: Any, options: Mapping[str, Any] | None) -> dict[str, Any]:

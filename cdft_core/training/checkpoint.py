@@ -24,9 +24,12 @@ import numpy as np
 import torch
 
 from cdft_core.errors import CdftError, UsageError
+from cdft_core.text import one_line
 from cdft_core.training.rundir import RunDir
 
 RESUME_DIR = "resume"
+#: bytes :func:`read_bounded` reads past a file's stated size: enough to see that it grew, no more
+READ_MARGIN = 1 << 16
 
 
 # -- model files ----------------------------------------------------------------------
@@ -54,7 +57,26 @@ def load_model_file(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], 
             meta[key] = json.loads(value)
         except json.JSONDecodeError:
             meta[key] = value
+    problem = _metadata_problem(meta)
+    if problem:
+        raise CdftError(f"{source!r} has damaged metadata ({problem}); it was not written by this cdft, "
+                        f"or the file is corrupt")
     return tensors, meta
+
+
+def _metadata_problem(meta: Mapping[str, Any]) -> str | None:
+    """What is wrong with the metadata cdft reads back, or None.
+
+    A value that is not JSON is kept as its raw string above; checked here so that a damaged
+    file stops with one line instead of an ``AttributeError`` deep in the config or spec code.
+    """
+    for key in ("cdft_spec", "cdft_config"):
+        if key in meta and not isinstance(meta[key], dict):
+            return f"{key} is not a JSON object"
+    classes = meta.get("cdft_classes")
+    if "cdft_classes" in meta and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        return "cdft_classes is not a list of strings"
+    return None
 
 
 def _header_metadata(data: bytes) -> dict[str, str]:
@@ -69,14 +91,36 @@ def read_model(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     import fsspec
 
     try:
-        with fsspec.open(path, "rb") as handle:
-            data = handle.read()
+        opened = fsspec.open(path, "rb")
+        data = read_bounded(opened.fs, opened.path, path)
     except FileNotFoundError:
         raise UsageError(f"checkpoint {path!r} does not exist") from None
+    except OSError as exc:
+        raise CdftError(f"cannot read checkpoint {path!r}: {exc.strerror or exc}") from None
+    except UsageError as exc:  # a directory, a device, a pipe
+        raise UsageError(f"{exc}; pass a .safetensors checkpoint file") from None
     tensors, meta = load_model_file(data, path)
     if "cdft_spec" not in meta:
         raise UsageError(f"{path!r} is not a cdft checkpoint (no model spec in its metadata)")
     return tensors, meta
+
+
+def read_bounded(fs: Any, inner: str, source: str) -> bytes:
+    """The bytes of one regular file, never more than its stated size plus :data:`READ_MARGIN`.
+
+    Without the checks a path to a device (``/dev/zero``) would be read until memory runs
+    out, and one to a FIFO would block for ever; the margin shows a file that grew meanwhile.
+    """
+    info = fs.info(inner)
+    if info.get("type") != "file":
+        kind = "a directory" if info.get("type") == "directory" else "not a regular file (a device or a pipe?)"
+        raise UsageError(f"{source!r} is {kind}")
+    size = info.get("size")
+    with fs.open(inner, "rb") as handle:
+        data = handle.read() if size is None else handle.read(int(size) + READ_MARGIN)
+    if size is not None and len(data) > int(size):
+        raise CdftError(f"{source!r} grew while it was read (beyond its {size} bytes); read it once it is complete")
+    return data
 
 
 # -- optimizer state -------------------------------------------------------------------
@@ -187,21 +231,53 @@ def save_resume(
 
 
 def latest_resume(rundir: RunDir) -> dict[str, Any] | None:
-    """The newest committed resume state (its JSON record plus loaded tensors), or None."""
-    from safetensors.torch import load
+    """The newest committed resume state (its JSON record plus loaded tensors), or None.
 
+    The record and the files it names are decoded defensively: a truncated or edited state
+    is one error line naming it (never a raw ``JSONDecodeError``), and the files it names
+    must lie inside the run directory.
+    """
     records = [n for n in rundir.listdir(RESUME_DIR) if n.endswith(".json")]
     if not records:
         return None
     records.sort()  # tags sort in training order (zero-padded)
-    record = json.loads(rundir.read_text(f"{RESUME_DIR}/{records[-1]}"))
-    model, _ = load_model_file(rundir.read_bytes(record["model_file"]), record["model_file"])
-    state = load(rundir.read_bytes(record["state_file"]))
+    name = f"{RESUME_DIR}/{records[-1]}"
+    try:
+        return _read_resume(rundir, name)
+    except (CdftError, OSError, ValueError, KeyError, TypeError) as exc:
+        missing = isinstance(exc, FileNotFoundError) and exc.filename
+        why = f"{exc.filename} is missing" if missing else one_line(exc, 200)
+        raise damaged_resume(rundir.join(name), why) from None
+
+
+def damaged_resume(path: str, why: str) -> CdftError:
+    """The one error line of a resume state that cannot be used, with the way out."""
+    return CdftError(f"resume state {path!r} is damaged ({why}); start a new run, or resume from an intact copy "
+                     f"of the run")
+
+
+def _read_resume(rundir: RunDir, name: str) -> dict[str, Any]:
+    from safetensors.torch import load
+
+    record = json.loads(read_bounded(rundir.fs, f"{rundir.path}/{name}", name))
+    problem = _resume_record_problem(record)
+    if problem:
+        raise ValueError(problem)
+    model_file, state_file = record["model_file"], record["state_file"]
+    model, _ = load_model_file(read_bounded(rundir.fs, f"{rundir.path}/{model_file}", model_file), model_file)
+    data = read_bounded(rundir.fs, f"{rundir.path}/{state_file}", state_file)
+    try:
+        state = load(data)
+    except Exception as exc:  # safetensors raises its own error type
+        raise ValueError(f"{state_file!r} is not a readable safetensors file: {one_line(exc, 120)}") from None
     optimizer_tensors = {k[len("optimizer."):]: v for k, v in state.items() if k.startswith("optimizer.")}
     rng = []
     for rank, rest in enumerate(record["rng"]):
         prefix = f"rng.{rank}."
-        rng.append(({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, rest))
+        tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if "torch" not in tensors:
+            raise ValueError(f"{state_file!r} lacks the RNG state of rank {rank}")
+        rng.append((tensors, rest))
     return {
         "tag": record["tag"],
         "model": model,
@@ -209,7 +285,42 @@ def latest_resume(rundir: RunDir) -> dict[str, Any] | None:
         "rng": rng,
         "ema": {k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")} if record.get("ema") else None,
         "progress": record["progress"],
+        "source": rundir.join(name),
     }
+
+
+def _resume_record_problem(record: Any) -> str | None:
+    """What makes a resume record unusable (the shape :func:`save_resume` writes), or None."""
+    if not isinstance(record, dict):
+        return "its record is not a JSON object"
+    for key in ("model_file", "state_file"):
+        if not inside_run(record.get(key)):
+            return f"{key} {one_line(repr(record.get(key)), 80)} is not a file inside the run"
+    for key, kind, what in (("tag", str, "a string"), ("optimizer", dict, "a JSON object"), ("rng", list, "a list"),
+                            ("progress", dict, "a JSON object")):
+        if not isinstance(record.get(key), kind):
+            return f"{key} is not {what}"
+    if not isinstance(record["optimizer"].get("param_groups"), list):
+        return "optimizer.param_groups is not a list"
+    for rest in record["rng"]:
+        if not (isinstance(rest, dict) and isinstance(rest.get("python"), list) and len(rest["python"]) == 3
+                and isinstance(rest.get("numpy"), list) and len(rest["numpy"]) == 5):
+            return "an RNG state is not the one cdft writes"
+    return None
+
+
+def inside_run(name: Any) -> bool:
+    """Whether ``name`` is a relative path that stays inside its run directory.
+
+    Names read back from a run's own files (``summary.json``, resume records) are joined to
+    the run directory: an absolute path, a URL or a ``..`` in a damaged or hostile file must
+    not make cdft open a file elsewhere on the machine.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name or "://" in name or "::" in name:
+        return False
+    if name.startswith(("/", "\\", "~")) or (len(name) > 1 and name[1] == ":"):
+        return False
+    return all(part not in ("", ".", "..") for part in name.replace("\\", "/").split("/"))
 
 
 def resume_tag(stage_index: int, epoch: int, step: int) -> str:

@@ -132,10 +132,10 @@ def find_checkpoint(target: str) -> str:
     rundir = RunDir(target)
     if not rundir.exists():
         raise UsageError(f"{target!r} does not exist; pass a run directory or a .safetensors checkpoint")
-    if rundir.fs.isfile(rundir.path):
-        return target
+    if not rundir.fs.isdir(rundir.path):
+        return target  # a file (or a device, a pipe: read_model refuses those)
     if rundir.exists("summary.json"):
-        return rundir.join(json.loads(rundir.read_text("summary.json"))["checkpoint"])
+        return rundir.join(_summary_checkpoint(rundir, target))
     if rundir.exists(CV_PLAN):
         rotations = sorted(name for name in rundir.listdir() if name.startswith("rotation-"))
         example = f" (e.g. {rundir.join(rotations[0])})" if rotations else ""
@@ -146,12 +146,40 @@ def find_checkpoint(target: str) -> str:
         if runs:
             raise UsageError(f"{target!r} holds {len(runs)} runs, not one (a grid's or a runs folder); name one of them "
                              f"(e.g. {rundir.join(runs[0])}), or compare them with `cdft report {target}`")
+    latest = _latest_stage_checkpoint(rundir)
+    if latest is None:
+        raise UsageError(f"{target!r} holds no checkpoint yet (no stage*/best.safetensors)")
+    return rundir.join(latest)
+
+
+def _latest_stage_checkpoint(rundir: Any) -> str | None:
+    """``stageN-.../best.safetensors`` of the highest-numbered stage that has one, or None."""
     numbered = [(_stage_number(name), name) for name in rundir.listdir()]
     stages = [(n, name) for n, name in numbered if n is not None and rundir.exists(f"{name}/best.safetensors")]
-    if not stages:
-        raise UsageError(f"{target!r} holds no checkpoint yet (no stage*/best.safetensors)")
-    latest = max(stages)[1]
-    return rundir.join(f"{latest}/best.safetensors")
+    return f"{max(stages)[1]}/best.safetensors" if stages else None
+
+
+def _summary_checkpoint(rundir: Any, target: str) -> str:
+    """The checkpoint ``summary.json`` names, relative to the run directory.
+
+    The summary is read back from disk, so it is checked like any input: a damaged one is
+    one error line (not a ``JSONDecodeError``), and a ``checkpoint`` outside the run (an
+    absolute path, ``..``) is refused: it would make cdft open any file on the machine.
+    """
+    from cdft_core.training.checkpoint import inside_run, read_bounded
+
+    name = rundir.join("summary.json")
+    try:
+        summary = json.loads(read_bounded(rundir.fs, f"{rundir.path}/summary.json", name))
+    except (CdftError, OSError, ValueError):
+        summary = None
+    checkpoint = summary.get("checkpoint") if isinstance(summary, dict) else None
+    if inside_run(checkpoint):
+        return checkpoint
+    latest = _latest_stage_checkpoint(rundir)
+    example = rundir.join(latest) if latest else rundir.join("stage1-.../best.safetensors")
+    raise UsageError(f"{name!r} is damaged (it does not name a checkpoint inside {target!r}); "
+                     f"pass the checkpoint file itself (e.g. {example})")
 
 
 def _stage_number(name: str) -> int | None:

@@ -20,7 +20,8 @@ import torch
 
 from cdft_core.config import RunConfig, dump_yaml
 from cdft_core.errors import UsageError
-from cdft_core.training.checkpoint import latest_resume
+from cdft_core.text import one_line
+from cdft_core.training.checkpoint import damaged_resume, latest_resume
 from cdft_core.training.distributed import DistInfo, broadcast_object
 from cdft_core.training.faults import StepHook
 from cdft_core.training.loaders import RunLoaders
@@ -101,12 +102,43 @@ class SavedState:
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any]) -> SavedState:
         record = state["progress"]
+        problem = _progress_problem(record, len(state["rng"]))
+        if problem:
+            raise damaged_resume(state.get("source", "RUN/resume"), problem)
         known = {f.name for f in fields(Progress)} - {"epoch_sums"}  # per rank: restored in setup
         return cls(
             model=state["model"], optimizer=state["optimizer"], scaler=record.get("scaler"), rng=state["rng"],
             epoch_sums=list(record.get("epoch_sums") or []),
             progress=Progress(**{k: v for k, v in record.items() if k in known}), ema=state.get("ema"),
         )
+
+
+#: the JSON types of the progress fields a resume record holds (``None`` where a field may be unset)
+_PROGRESS_TYPES: dict[str, tuple[type | None, ...]] = {
+    "stage_index": (int,), "epoch": (int,), "step": (int,), "global_step": (int,),
+    "best_accuracy": (float, int, None), "best_epoch": (int, None), "best_val": (dict, None),
+    "best_test": (dict, None), "improved_epoch": (int, None), "stages": (list,), "elapsed": (float, int),
+    "scaler": (dict, None), "epoch_sums": (list, None),
+}
+
+
+def _progress_problem(record: Any, ranks: int) -> str | None:
+    """What makes a saved progress record unusable, or None: a wrong type here would
+    otherwise surface as a raw ``AttributeError`` or ``TypeError`` in the middle of training."""
+    if not isinstance(record, Mapping):
+        return "progress is not a JSON object"
+    for key, kinds in _PROGRESS_TYPES.items():
+        if key not in record:
+            continue  # an older record without it: the field keeps its default
+        value = record[key]
+        if isinstance(value, bool) or not any(value is None if k is None else isinstance(value, k) for k in kinds):
+            return f"progress.{key} has the wrong type ({one_line(repr(value), 60)})"
+        if isinstance(value, int) and kinds == (int,) and value < 0:
+            return f"progress.{key} is negative"
+    sums = record.get("epoch_sums") or []
+    if not all(isinstance(entry, Mapping) for entry in sums) or (sums and len(sums) != ranks):
+        return "progress.epoch_sums does not hold one JSON object per process"
+    return None
 
 
 @dataclass
