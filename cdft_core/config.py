@@ -36,6 +36,9 @@ SAMPLERS = ("random", "balanced")
 #: ``--compile-mode``: torch.compile's modes (``torch._inductor.list_mode_options()``); the
 #: CUDA-graph ones (reduce-overhead, max-autotune) take effect on CUDA only
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: The largest --seed: numpy's RandomState and scikit-learn's random_state (the in-memory
+#: folds) take at most 2**32 - 1, the narrowest of the seed consumers (torch takes 64 bits).
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -340,6 +343,8 @@ def validate(config: RunConfig) -> None:
         raise UsageError(f"--warmup-epochs must not be negative, got {config.warmup_epochs}")
     if not 0 < config.warmup_start_factor <= 1:
         raise UsageError(f"--warmup-start-factor must be in (0, 1], got {config.warmup_start_factor}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be an integer in [0, {MAX_SEED}], got {config.seed!r}")
     check_num_workers(config.num_workers)
     check_choice("augment", config.augment, AUGMENTS)
     if not config.dist_timeout > 0:

@@ -3,8 +3,10 @@
 Config presets, saved ``config.yaml`` files and ``KEY=VALUE`` option values all come
 through here. Safe loading alone is not enough: anchors and aliases (``&a`` / ``*a``) let
 a few lines expand to gigabytes ("billion laughs"), so they are refused before they are
-composed, and so are files over :data:`MAX_CONFIG_BYTES`. What cdft writes never uses
-anchors, so it always reads back. Imports no torch.
+composed, and so are files over :data:`MAX_CONFIG_BYTES`. A key given twice in one mapping
+is refused too: plain ``safe_load`` keeps the last silently, so a preset could say
+``epochs: 1`` and run with ``epochs: 2`` further down. What cdft writes never uses
+anchors or repeats a key, so it always reads back. Imports no torch.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def safe_yaml(text: str, what: str) -> Any:
         return yaml.load(text, Loader=_no_alias_loader())  # noqa: S506 - a SafeLoader subclass
     except _AliasFound as found:
         raise UsageError(f"{what} {found}; cdft config files take no YAML anchors or aliases: write each value out") from None
+    except _DuplicateKey as found:
+        raise UsageError(f"{what}: {found}; keep one") from None
     except RecursionError:
         raise UsageError(f"{what} is nested too deeply to be a cdft config") from None
     except yaml.YAMLError as exc:
@@ -81,6 +85,8 @@ def yaml_value(raw: str, what: str) -> Any:
         return yaml.load(raw, Loader=_no_alias_loader())  # noqa: S506 - a SafeLoader subclass
     except _AliasFound as found:
         raise UsageError(f"{what}: the value {found}; write the value out") from None
+    except _DuplicateKey as found:
+        raise UsageError(f"{what}: in the value, {found}; keep one") from None
     except (yaml.YAMLError, RecursionError):
         return raw
 
@@ -89,12 +95,17 @@ class _AliasFound(Exception):
     """Raised by the loader of :func:`safe_yaml` at the first anchor or alias (its text says where)."""
 
 
+class _DuplicateKey(Exception):
+    """Raised by the loader of :func:`safe_yaml` at the first key repeated in one mapping (its text says where)."""
+
+
 @functools.cache
 def _no_alias_loader() -> type:
     import yaml
 
     class NoAliasLoader(yaml.SafeLoader):
-        """``yaml.SafeLoader`` that refuses anchors and aliases before composing them."""
+        """``yaml.SafeLoader`` that refuses anchors and aliases before composing them, and
+        a key repeated in one mapping (at any depth) before constructing it."""
 
         def compose_node(self, parent: Any, index: Any) -> Any:
             event = self.peek_event()
@@ -104,6 +115,23 @@ def _no_alias_loader() -> type:
             if getattr(event, "anchor", None):
                 raise _AliasFound(f"defines the YAML anchor &{one_line(event.anchor, 40)} (line {line})")
             return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<:`` merges; its keys may be overridden
+                    continue
+                key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+                try:
+                    first = lines.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+                if first is not None:
+                    shown = one_line(key if isinstance(key, str) else repr(key), 60)
+                    where = f"lines {first} and {line}" if first != line else f"line {line}"
+                    raise _DuplicateKey(f"key {shown!r} appears twice ({where})")
+                lines[key] = line
+            return super().construct_mapping(node, deep=deep)
 
     return NoAliasLoader
 

@@ -14,6 +14,8 @@ import click
 @click.argument("inputs", metavar="INPUT...", nargs=-1)
 @click.option("--backbone", default=None, help="Embed with this backbone's pooled output instead of a trained run.")
 @click.option("--no-pretrained", is_flag=True, help="With --backbone: random weights (tests).")
+@click.option("--weights", default=None, metavar="FILE",
+              help="With --backbone: local weight file (safetensors or torch state dict), for offline machines.")
 @click.option("--image-size", type=int, default=None, help="With --backbone: input size in pixels.")
 @click.option("--pooled", is_flag=True, help="From a run: the backbone's pooled output, not the adapter's.")
 @click.option("-o", "--output", required=True, help="Output file: .safetensors (default) or .parquet.")
@@ -21,7 +23,7 @@ import click
 @click.option("--num-workers", default="auto", show_default=True, help="Decoding worker processes: a number, or auto.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 def embed_command(target: str | None, inputs: tuple[str, ...], backbone: str | None, no_pretrained: bool,
-                  image_size: int | None, pooled: bool, output: str, batch_size: int, num_workers: str,
+                  weights: str | None, image_size: int | None, pooled: bool, output: str, batch_size: int, num_workers: str,
                   device: str) -> None:
     """Write one feature row per readable INPUT image (paths in the file's metadata).
 
@@ -29,6 +31,7 @@ def embed_command(target: str | None, inputs: tuple[str, ...], backbone: str | N
     Examples:
       cdft embed runs/x slides/ -o features.safetensors
       cdft embed --backbone vit_base_patch16_clip_224.openai 'tiles/*.png' -o clip.safetensors
+      cdft embed --backbone vit_base_patch16_224 --weights vit.safetensors tiles/ -o f.safetensors
     """
     from cdft_core.config import check_num_workers, resolve_device
     from cdft_core.errors import UsageError
@@ -40,22 +43,30 @@ def embed_command(target: str | None, inputs: tuple[str, ...], backbone: str | N
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     workers = check_num_workers(num_workers)
-    check_output(output, "embeddings file")  # before any model is loaded
+    if weights and backbone is None:
+        raise UsageError("--weights applies to --backbone NAME; a run's checkpoint holds its own weights: drop --weights")
+    if weights and no_pretrained:
+        raise UsageError("--no-pretrained and --weights contradict each other; drop one")
+    if backbone is None and not target:
+        raise UsageError("give RUN_DIR|CHECKPOINT, or --backbone NAME")
+    # every usage check before any weights are looked for or model loaded: a typo costs no download
+    check_output(output, "embeddings file")
     if backbone is not None:
         inputs = ((target,) if target else ()) + inputs  # no RUN_DIR: the first argument is an INPUT
+    images = collect_inputs(inputs)
+    if backbone is not None:
         torch_device = resolve_device(device)
-        model = backbone_model(backbone, pretrained=not no_pretrained, image_size=image_size).to(torch_device)
+        model = backbone_model(backbone, pretrained=not no_pretrained, weights=weights,
+                               image_size=image_size).to(torch_device)
         source, feature, precision = backbone, "pooled", inference_precision("auto", torch_device)
     else:
-        if not target:
-            raise UsageError("give RUN_DIR|CHECKPOINT, or --backbone NAME")
         from cdft_core.inference.model_loading import load_trained
 
+        assert target is not None
         model, _, _, metadata = load_trained(target, device)
         config = metadata.get("cdft_config") or {}
         source, feature = metadata["checkpoint"], "pooled" if pooled else "adapter"
         precision = inference_precision(config.get("precision"), next(model.parameters()).device.type)
-    images = collect_inputs(inputs)
     result = embed_images(model, images, feature=feature, source=source, batch_size=batch_size,
                           num_workers=workers, precision=precision)
     if result.paths:

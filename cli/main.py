@@ -110,9 +110,10 @@ def main(args: list[str] | None = None, prog_name: str = "cdft") -> Any:
         error(str(exc))
         code = exc.exit_code
     except Exception as exc:  # anything else is a bug or an environment failure
-        if debugging():
+        debug = debugging()
+        if debug:
             traceback.print_exc()
-        error(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        error(f"{type(exc).__name__}: {exc}" + ("" if debug else " (rerun with --debug for the traceback)"))
         code = 1
     if isinstance(code, int):
         sys.exit(code)

@@ -75,11 +75,15 @@ def test_validate(tmp_path):
         ({"split_file": __file__, "folds": 3}, "drop --folds"),  # a split file has its folds: never ignore --folds
         ({"compile": True, "compile_mode": "max_autotune"}, "did you mean 'max-autotune'"),
         ({"compile_mode": "reduce-overhead"}, "only applies to a compiled model; add --compile"),
+        ({"seed": 99999999999999999999999}, r"--seed must be an integer in \[0, 4294967295\], got 9+$"),
+        ({"seed": 2**32}, r"--seed must be an integer in \[0, 4294967295\]"),
+        ({"seed": -1}, r"--seed must be an integer in \[0, 4294967295\], got -1"),
     ]
     for overrides, message in cases:
         with pytest.raises(UsageError, match=message):
             validate(merge(good, overrides, source="test"))
     validate(merge(good, {"compile": True, "compile_mode": "max-autotune"}, source="test"))
+    validate(merge(good, {"seed": 2**32 - 1}, source="test"))  # the largest seed numpy's folds take
 
 
 def test_presets_cover_the_paper_grid():

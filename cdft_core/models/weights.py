@@ -24,8 +24,10 @@ model lacks (other than a pretrained classifier) into one clear
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,8 +234,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
 
             data: Any = load_file(str(p), device="cpu")
         else:
-            data = torch.load(str(p), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's "Detected pickle protocol 4" would add 2 lines
+                warnings.simplefilter("ignore")
+                data = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # the type matters: torch reports a bad first byte as a bare KeyError(101)
+        if "weights_only" in str(exc):  # torch's text advises unpickling in full: never relayed, even by --debug
+            raise CdftError(_unpickling_message(str(p), exc)) from None
         raise CdftError(
             f"cannot read weights file {str(p)!r} ({type(exc).__name__}: {one_line(exc)}); "
             f"expected safetensors or a torch state dict"
@@ -246,6 +252,21 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if not isinstance(data, Mapping) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CdftError(f"weights file {str(p)!r} does not hold a state dict (a mapping of names to tensors)")
     return dict(data)
+
+
+def _unpickling_message(path: str, exc: Exception) -> str:
+    """Why a torch file failed the ``weights_only`` reader, without relaying torch's own text.
+
+    That text advises re-running ``torch.load`` with ``weights_only=False``, which would run
+    whatever code the file holds; cdft never gives that advice, whoever wrote the file.
+    """
+    opcode = re.search(r"Unsupported operand (\d+)", str(exc))
+    if opcode:  # a byte the safe reader does not take: not a pickle, or pickle protocol 4 or higher
+        return (f"cannot read weights file {path!r} (UnpicklingError: byte {opcode[1]} is no pickle opcode torch's "
+                f"safe reader takes: not a torch file, or pickled with protocol 4 or higher); expected safetensors "
+                f"or a torch state dict saved with pickle protocol 2 or 3")
+    return (f"cannot read weights file {path!r}: it is a pickle holding objects other than tensors, which cdft never "
+            f"unpickles (loading it could run code); convert it to .safetensors on a machine where you trust the file")
 
 
 def strip_prefix(state_dict: Mapping[str, Tensor], prefixes: Iterable[str]) -> dict[str, Tensor]:
