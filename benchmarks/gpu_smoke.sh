@@ -41,7 +41,12 @@ PY="${PYTHON:-python}"
 if [ -d "$OUT_DIR" ] && [ -n "$(ls -A "$OUT_DIR")" ] && [ ! -e "$OUT_DIR/.cdft-gpu-smoke" ]; then
   echo "gpu_smoke: $OUT_DIR is not empty and not an earlier smoke run's; choose an empty or new folder"; exit 2
 fi
-rm -rf "$OUT_DIR/logs" "$OUT_DIR/runs" "$OUT_DIR/data" "$OUT_DIR/status"
+# SMOKE_ONLY=benchmarks after a SMOKE_ONLY=checks call keeps the checks' logs and rows (smoke.json lists both)
+if [ "$ONLY" = benchmarks ]; then
+  rm -rf "$OUT_DIR"/logs/bench-*
+else
+  rm -rf "$OUT_DIR/logs" "$OUT_DIR/runs" "$OUT_DIR/data" "$OUT_DIR/status"
+fi
 mkdir -p "$OUT_DIR/logs" && touch "$OUT_DIR/.cdft-gpu-smoke"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -60,7 +65,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT_DIR/
 
 STATUS_DIR="$OUT_DIR/status"
 mkdir -p "$STATUS_DIR"
-SEQ=0
+for old in "$STATUS_DIR"/*; do  # a benchmarks call after a checks call: keep theirs, number after them
+  [ -e "$old" ] || continue
+  case "$(cat "$old")" in bench-*) rm -f "$old";; esac
+done
+SEQ=$(ls "$STATUS_DIR" | wc -l)
+FIRST_SEQ=$SEQ
 run_step() {  # run_step FILE NAME COMMAND...: run, time, record "NAME STATUS SECONDS" in FILE
   local file="$1" name="$2"; shift 2
   local start end status secs word
@@ -87,10 +97,12 @@ record() {  # record NAME STATUS: a step that did not run (a skip)
 }
 
 DATA="$OUT_DIR/data"
-"$PY" -m cdft_cli make-synthetic breakhis "$DATA" --seed 0 >/dev/null
 ROOT="$DATA/BreaKHis_v1"
 SPLIT="$OUT_DIR/breakhis.csv"
+if [ "$ONLY" != benchmarks ]; then  # the benchmarks make their own inputs
+"$PY" -m cdft_cli make-synthetic breakhis "$DATA" --seed 0 >/dev/null
 "$PY" -m cdft_cli prepare breakhis "$ROOT" --folds 3 -o "$SPLIT" >"$OUT_DIR/logs/prepare.log" 2>&1
+fi
 
 run_and_eval() {  # run_and_eval RUN_DIR cdft-run-options...: a run, then eval of its checkpoint == summary
   local run_dir="$1"; shift
@@ -111,7 +123,7 @@ EOF
 }
 
 # the LoRA strategies need peft (the lora extra); an offline machine without it says so once instead of failing each step
-if ! "$PY" -c "import peft" 2>/dev/null; then
+if [ "$ONLY" != benchmarks ] && ! "$PY" -c "import peft" 2>/dev/null; then
   case " $STRATEGIES " in *lora*)
     echo "gpu_smoke: peft is not installed (pip install 'cdft[lora]'): the lora and staged-lora steps are skipped"
     record lora-strategies "skip(no-peft)"
@@ -183,13 +195,17 @@ for bench in benchmarks/*.py; do
 done
 # the MFU target (ViT-B/16 full >= 40 % of the bf16 peak): bigger batches and inductor's other modes
 step "bench-mfu" "$PY" benchmarks/train_step.py --device cuda --json --backbones vit_b16 --strategies full \
-  --compile on --compile-modes default,max-autotune-no-cudagraphs,max-autotune --batch-sizes 256,128 \
+  --compile on --compile-modes max-autotune,default,max-autotune-no-cudagraphs --batch-sizes 256,128 \
   --time-budget "$MFU_BUDGET"
 cp "$OUT_DIR/logs/bench-mfu.log" "$OUT_DIR/bench-mfu.json" 2>/dev/null || true
 fi
 
 wait
-FAILED=$(cat "$STATUS_DIR"/* | grep -c " FAIL(" || true)
+FAILED=0  # this call's failed steps (smoke.json lists every recorded step)
+for file in "$STATUS_DIR"/*; do
+  [ -e "$file" ] || continue
+  [ "$((10#$(basename "$file")))" -gt "$FIRST_SEQ" ] && grep -q " FAIL(" "$file" && FAILED=$((FAILED + 1))
+done
 "$PY" - "$OUT_DIR" "$STATUS_DIR" <<'EOF'
 import json, pathlib, sys
 out_dir, status_dir = sys.argv[1], pathlib.Path(sys.argv[2])

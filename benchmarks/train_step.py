@@ -296,10 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     peak = None
     if device.type == "cuda":
         peak = ("given", args.peak_tflops) if args.peak_tflops else peak_bf16(torch.cuda.get_device_name(device))
-    modes = {"off": ["eager"], "on": args.compile_modes, "both": ["eager", *args.compile_modes]}[args.compile]
+    groups = {"off": [["eager"]], "on": [args.compile_modes], "both": [["eager"], args.compile_modes]}[args.compile]
     # eager rows first, then compiled ones (each pays a compilation); in the order of the options,
-    # batch sizes outermost, so a --time-budget cuts the least wanted rows
-    plan = [(name, strategy, batch, mode) for mode in modes for batch in args.batch_sizes
+    # batch sizes outermost, then modes, so a --time-budget cuts the least wanted rows (the last ones)
+    plan = [(name, strategy, batch, mode) for modes in groups for batch in args.batch_sizes for mode in modes
             for strategy in args.strategies.split(",") for name in args.backbones.split(",")]
     started, rows = time.perf_counter(), []
     for name, strategy, batch, mode in plan:

@@ -156,7 +156,7 @@ def test_cv_refuses_what_its_rotations_decide(tmp_path_factory, tmp_path):
 @pytest.mark.slow
 def test_cv_runs_one_child_per_rotation_and_summarises_them(tmp_path_factory):
     parent = _reference(tmp_path_factory)
-    _, split = _three_folds(tmp_path_factory)
+    root, split = _three_folds(tmp_path_factory)
     rows = pd.read_csv(split)
     assert sorted(p.name for p in parent.iterdir()) == [".cdft-run", "config.yaml", "cv.json", "cv_summary.json",
                                                          "rotation-0", "rotation-1", "rotation-2"]
@@ -203,7 +203,8 @@ def test_cv_runs_one_child_per_rotation_and_summarises_them(tmp_path_factory):
     assert code == 2 and err.strip() == (f"cdft: error: {str(parent)!r} is a cross-validation directory, not one run; "
                                          f"name one of its rotation-N runs (e.g. {parent / 'rotation-0'}), or "
                                          f"summarise them with `cdft report {parent}`")
-    code, _, err = invoke("predict", str(parent.parent), str(parent), "-o", str(parent.parent / "p.csv"))
+    picture = next(Path(root).rglob("*.png"))
+    code, _, err = invoke("predict", str(parent.parent), str(picture), "-o", str(parent.parent / "p.csv"))
     assert code == 2 and "runs, not one (a grid's or a runs folder); name one of them" in err, err
     assert not (parent.parent / "p.csv").exists()
 

@@ -123,6 +123,10 @@ def test_a_missing_extra_is_one_line_and_usage_errors_exit_2(run, tmp_path, monk
     assert code == 2 and "--format onnx" in stderr
     code, _, stderr = invoke("export", str(run), "-o", str(tmp_path / "missing" / "m.onnx"))
     assert code == 2 and "does not exist" in stderr
+    code, _, stderr = invoke("export", str(run), "-o", "memory://exports/m.onnx")  # refused before the model loads
+    assert code == 2 and stderr.strip() == ("cdft: error: cannot write 'memory://exports/m.onnx': cdft export writes a "
+                                            "local file; give a local path (-o model.onnx) and copy the file and its "
+                                            ".json where they should go")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -118,6 +118,9 @@ def export_run(target: str, output: str, fmt: str | None = None, *, tolerance: f
 
     fmt = format_for(output, fmt)
     require_extra(fmt)
+    if "://" in output or "::" in output:  # written through a local temporary file, then renamed
+        raise UsageError(f"cannot write {output!r}: cdft export writes a local file; give a local path "
+                         f"(-o model.onnx) and copy the file and its .json where they should go")
     check_output(output, "the export")
     model, classes, data_config, metadata = load_trained(target, device="cpu")
     model = model.float().eval()
