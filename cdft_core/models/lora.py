@@ -127,7 +127,8 @@ def merge_lora(module: nn.Module) -> int:
     merged = 0
     for name, child in list(module.named_children()):
         if isinstance(child, LoraLayer):
-            child.merge(adapter_names=[ADAPTER_NAME])
+            if not child.merged:  # an attention wrapper's merge has already folded its out_proj
+                child.merge(adapter_names=[ADAPTER_NAME])
             child = child.get_base_layer()
             setattr(module, name, child)
             merged += 1
