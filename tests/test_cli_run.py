@@ -66,7 +66,8 @@ def test_output_not_writable_or_taken(tmp_path_factory, tmp_path):
     args[args.index("--output") + 1] = str(taken)
     before = sorted(p.name for p in taken.rglob("*"))
     code, _, err = invoke(*args)
-    _assert_usage_error(code, err, "already holds a run", "--resume")
+    _assert_usage_error(code, err, "already holds a complete run; choose a new directory")
+    assert "--resume" not in err  # a complete run has nothing to continue: never suggest it
     assert sorted(p.name for p in taken.rglob("*")) == before  # never overwritten
 
 

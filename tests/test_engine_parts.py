@@ -97,7 +97,10 @@ def test_run_directories(tmp_path):
     (tmp_path / "same" / "config.yaml").write_text("x")
     second = create_run_dir(None, str(tmp_path), "same")
     assert (first.url, second.url) == (str(tmp_path / "same"), str(tmp_path / "same-2"))
-    with pytest.raises(UsageError, match="already holds a run"):
+    with pytest.raises(UsageError, match="already holds a run; .* continue that run with `cdft run --resume"):
+        check_output(str(tmp_path / "same"), "runs")
+    (tmp_path / "same" / "summary.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"already holds a complete run; choose a new directory$"):
         check_output(str(tmp_path / "same"), "runs")
     check_output(str(tmp_path / "empty-ok"), "runs")  # a new directory is fine
 

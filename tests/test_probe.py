@@ -122,7 +122,9 @@ def test_probe_on_augmented_views_and_bad_grids(tmp_path_factory, tmp_path):
     assert "train, 24 images x 2 augmented views" in err
     assert read_json(tmp_path / "views" / "summary.json")["train_views"] == 2
     for option, value, message in (("--lrs", "0", "--lrs must be positive"), ("--lrs", "a,b", "comma-separated"),
-                                   ("--weight-decays", "-1", "must not be negative"), ("--lrs", ",", "at least one")):
+                                   ("--weight-decays", "-1", "must not be negative"), ("--lrs", ",", "at least one"),
+                                   ("--weight-decays", "nan", "--weight-decays must be finite numbers, got nan"),
+                                   ("--weight-decays", "1e400", "--weight-decays must be finite numbers, got inf")):
         code, _, err = invoke(*_probe_args(root, split, option, value, "--output", str(tmp_path / "x")))
         assert code == 2 and message in err, err
     assert not (tmp_path / "x").exists()

@@ -222,7 +222,8 @@ def check_grid(lrs: Sequence[float], weight_decays: Sequence[float]) -> None:
         raise UsageError(f"--lrs must be positive finite numbers, got {bad[0]!r}")
     bad = [v for v in weight_decays if not 0 <= v < float("inf")]
     if bad:
-        raise UsageError(f"--weight-decays must not be negative, got {bad[0]!r}")
+        reason = "must not be negative" if bad[0] < 0 else "must be finite numbers"  # nan and inf: not "negative"
+        raise UsageError(f"--weight-decays {reason}, got {bad[0]!r}")
 
 
 def _write(rundir: Any, config: RunConfig, model: Any, splits: Any, probe: dict[str, Any], result: Sweep,

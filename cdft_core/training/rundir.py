@@ -115,10 +115,13 @@ def check_output(output: str | None, runs_dir: str) -> None:
         raise UsageError(f"output {target!r} cannot be opened: {exc}") from None
     if output:
         if holds_run(rundir):
-            command = "cdft cv" if rundir.exists(CV_PLAN) else "cdft run"
+            cv = rundir.exists(CV_PLAN)
+            if rundir.exists("cv_summary.json" if cv else "summary.json"):  # nothing left to continue
+                raise UsageError(f"--output {output!r} already holds a complete "
+                                 f"{'cross-validation' if cv else 'run'}; choose a new directory")
             raise UsageError(
                 f"--output {output!r} already holds a run; choose a new directory, "
-                f"or continue that run with `{command} --resume {output}`"
+                f"or continue that run with `{'cdft cv' if cv else 'cdft run'} --resume {output}`"
             )
         if rundir.exists() and rundir.fs.isfile(rundir.path):
             raise UsageError(f"--output {output!r} is a file, not a directory")
