@@ -77,15 +77,32 @@ def debugging() -> bool:
         return True
 
 
+#: the launcher of ``cdft run --nproc-per-node N`` sets it for its workers (cdft_core.training.launch)
+LAUNCHED_ENV = "CDFT_LAUNCHED_RUN_DIR_FILE"
+
+
+def launched_worker() -> bool:
+    """Whether this process is a worker of cdft's own launcher: its errors go to torchrun's
+    error file, and the launcher prints one line for the whole job (not one per rank)."""
+    return bool(os.environ.get(LAUNCHED_ENV))
+
+
 def error(message: str) -> None:
-    """Print one error line on stderr."""
+    """Print one error line on stderr (a launched worker leaves it to its launcher, unless debugging)."""
+    if launched_worker() and not debugging():
+        return
     click.echo(f"cdft: error: {message}", err=True)
 
 
 def main(args: list[str] | None = None, prog_name: str = "cdft") -> Any:
     """Run the CLI and turn every failure into one line and an exit code (0, 1 or 2)."""
+    run = cli.main
+    if launched_worker():  # any error, not only the engine's, reaches the launcher's one line
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(cli.main)
     try:
-        code = cli.main(args=args, prog_name=prog_name, standalone_mode=False)
+        code = run(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
         error("aborted")
         code = 130

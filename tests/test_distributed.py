@@ -99,7 +99,10 @@ def test_sigterm_on_one_rank_stops_all_and_resume_matches(tmp_path_factory, tmp_
     env = subprocess_env(CDFT_TEST_FAULT="rank=0,stage=2,epoch=1,step=1,action=sigterm")
     done = run_subprocess(*staged_args(root, split), "--output", str(run_dir), "--nproc-per-node", "2", env=env)
     assert done.returncode == 143, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines()[-1].startswith("cdft: error: stopped by SIGTERM at stage 2, epoch 1, step 1")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("cdft: error: ")]
+    assert len(errors) == 1, done.stderr[-3000:]  # one line for the job, not one per rank
+    assert errors[0].startswith("cdft: error: stopped by SIGTERM at stage 2, epoch 1, step 1")
+    assert not re.search(r"^[EW]\d{4} ", done.stderr, re.M), done.stderr[-3000:]  # no torch elastic log lines
     assert [p.name for p in (run_dir / "resume").glob("*.json")] == ["s01-e00000-b0000001.json"]
     resumed = run_subprocess("run", "--resume", str(run_dir), "--nproc-per-node", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -121,6 +124,8 @@ def test_failing_rank_ends_the_job_promptly(tmp_path_factory, tmp_path):
     # while it was exiting); the rank that only lost its peer comes after it
     assert re.match(r"cdft: error: distributed run failed: rank 1 (exited with code 1|was killed by SIGTERM): "
                     r"injected test fault", last), last
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower() or re.match(r"[EW]\d{4} ", line)]
+    assert errors == [last], done.stderr[-3000:]  # one line for the job: no per-rank lines, no torch log lines
     assert not (tmp_path / "run" / "summary.json").exists()
 
 

@@ -148,3 +148,6 @@ def test_failure_report_names_the_cause_first():
     })
     assert text.startswith("distributed run failed: rank 1 exited with code 1: out of memory on the data; ")
     assert "rank 2 was killed by SIGKILL" in text and text.index("rank 2") < text.index("rank 0")
+    assert text.endswith("rank 0 exited with code 1: lost its connection to the failed rank")  # not gloo's text
+    alone = describe_failures({0: failure(1, "RuntimeError: Connection closed by peer", 10)})
+    assert alone.endswith("Connection closed by peer")  # the only failure keeps its own words

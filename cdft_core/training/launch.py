@@ -16,12 +16,21 @@ as one rank. No launcher of our own.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from cdft_core.errors import CdftError, Interrupted, UsageError
+from cdft_core.text import env_flag
+
+#: set for the workers of :func:`launch`: they leave reporting their errors to the launcher
+#: (one line for the whole job), and rank 0 writes its run directory to the file it names
+LAUNCHED_ENV = "CDFT_LAUNCHED_RUN_DIR_FILE"
 
 
 @dataclass(frozen=True)
@@ -98,18 +107,64 @@ def launch(options: LaunchOptions, worker: WorkerCommand) -> None:
     if "OMP_NUM_THREADS" not in os.environ and str(args.nproc_per_node).isdigit():
         # share this machine's cores between the workers (torchrun would force 1 and warn)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(args.nproc_per_node)))
+    handle, run_dir_file = tempfile.mkstemp(prefix="cdft-run-dir.", suffix=".txt")
+    os.close(handle)
+    os.environ[LAUNCHED_ENV] = run_dir_file
     try:
-        run(args)
+        with _quiet_torch_logs():
+            run(args)
     except ChildFailedError as exc:
         messages = [failure_message(f) for f in exc.failures.values()]
         if all(m.startswith("Interrupted: ") for m in messages):  # every worker saved its state on SIGTERM
             raise Interrupted(messages[0].removeprefix("Interrupted: ")) from None
-        raise CdftError(describe_failures(exc.failures)) from None
+        raise CdftError(describe_failures(exc.failures) + resume_hint(run_dir_file, ", then ")) from None
     except SignalException as exc:
-        raise Interrupted(
-            f"launcher stopped by {signal.Signals(exc.sigval).name}; the workers saved a resumable state "
-            f"(continue with `cdft run --resume RUN_DIR`)"
-        ) from None
+        raise Interrupted(f"launcher stopped by {signal.Signals(exc.sigval).name}; the workers saved a resumable "
+                          f"state{resume_hint(run_dir_file, ': ') or ' (continue with `cdft run --resume RUN_DIR`)'}"
+                          ) from None
+    finally:
+        os.environ.pop(LAUNCHED_ENV, None)
+        with contextlib.suppress(OSError):
+            os.unlink(run_dir_file)
+
+
+def record_run_dir(url: str) -> None:
+    """Rank 0 of a :func:`launch` job tells the launcher where its run directory is (for
+    the resume command of a failed or stopped job); a no-op elsewhere."""
+    path = os.environ.get(LAUNCHED_ENV)
+    if path:
+        with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as out:
+            out.write(url)
+
+
+def resume_hint(run_dir_file: str, joiner: str) -> str:
+    """``joiner`` + how to continue the job's run, when its run directory holds a saved state."""
+    from cdft_core.training.rundir import RunDir
+
+    try:
+        with open(run_dir_file, encoding="utf-8") as handle:
+            url = handle.read().strip()
+        if url and RunDir(url).listdir("resume"):
+            return f"{joiner}continue with `cdft run --resume {url}` (its last saved state)"
+    except (OSError, ValueError, ImportError):
+        pass
+    return ""
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Silence torch's elastic-agent log lines (``E1126 ... failed``, ``W1126 ... Sending
+    process ...``) while the job runs: the launcher reports a failure in one line of its
+    own. ``--debug`` keeps them."""
+    handlers = [] if env_flag("CDFT_DEBUG") else logging.getLogger("torch.distributed").handlers
+    levels = [handler.level for handler in handlers]
+    for handler in handlers:
+        handler.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for handler, level in zip(handlers, levels, strict=True):
+            handler.setLevel(level)
 
 
 #: words of errors that a rank raises because *another* rank went away
@@ -155,7 +210,9 @@ def describe_failures(failures: dict[int, Any]) -> str:
         return lost_peer, int(getattr(failure, "timestamp", 0)), rank
 
     parts = []
-    for rank, failure in sorted(failures.items(), key=secondary):
+    for position, (rank, failure) in enumerate(sorted(failures.items(), key=secondary)):
         message = short(failure)
+        if position > 0 and secondary((rank, failure))[0]:  # gloo's or NCCL's words for "the other rank is gone"
+            message = "lost its connection to the failed rank"
         parts.append(f"rank {rank} {status(failure)}" + (f": {message}" if message else ""))
     return "distributed run failed: " + "; ".join(parts)

@@ -24,6 +24,7 @@ from cdft_core.text import one_line
 from cdft_core.training.checkpoint import damaged_resume, latest_resume
 from cdft_core.training.distributed import DistInfo, broadcast_object
 from cdft_core.training.faults import StepHook
+from cdft_core.training.launch import record_run_dir
 from cdft_core.training.loaders import RunLoaders
 from cdft_core.training.log import RunLog
 from cdft_core.training.rundir import RunDir, auto_name, create_run_dir, environment_info, open_existing, run_plugins
@@ -201,9 +202,12 @@ def open_run_dir(config: RunConfig, resume: str | None, dist_info: DistInfo, log
             rundir.write_text("environment.json", json.dumps(
                 environment_info(list(argv), dist_info.world_size, run_plugins(config, spec)), indent=2))
             url = rundir.url
+            record_run_dir(url)  # for the launcher's resume command, should the job fail
         return RunDir(broadcast_object(url, dist_info)), None, []
 
     rundir = open_existing(resume)
+    if dist_info.is_main:
+        record_run_dir(rundir.url)
     if rundir.exists("summary.json"):
         raise UsageError(f"run {resume!r} is complete (it has summary.json); nothing to resume")
     state = broadcast_object(latest_resume(rundir) if dist_info.is_main else None, dist_info)
