@@ -50,6 +50,8 @@ class Run:
     #: a cv rotation: how many rotations its parent chose, and how many of those are complete
     cv_chosen: int | None = None
     cv_complete: int | None = None
+    #: how many processes trained it (it multiplies the effective batch); None: the run does not say
+    processes: int | None = None
 
     @property
     def partial(self) -> bool:
@@ -192,7 +194,8 @@ def read_run(path: str, parent: str | None = None, rotation: int | None = None) 
     if missing:
         return Incomplete(path, f"summary.json has no {' or '.join(missing)} metrics", parent)
     config, problem = _read_config(path)
-    return Run(path=path, config=config, summary=summary, parent=parent, rotation=rotation, config_problem=problem)
+    return Run(path=path, config=config, summary=summary, parent=parent, rotation=rotation, config_problem=problem,
+               processes=_processes(path, summary))
 
 
 def _read_cv(path: str) -> tuple[CvParent, list[Run | Incomplete]]:
@@ -262,6 +265,20 @@ def _read_config(path: str) -> tuple[dict[str, Any], str | None]:
     if not isinstance(config, dict):
         return {}, "config.yaml is not a mapping"
     return config, None
+
+
+def _processes(path: str, summary: Mapping[str, Any]) -> int | None:
+    """The run's number of processes: ``summary.json``'s ``world_size``, else (a run written before
+    the summary recorded it) ``environment.json``'s, written when the run was created; None when neither says."""
+    value = summary.get("world_size")
+    if value is None:
+        try:
+            with open(os.path.join(path, "environment.json"), encoding="utf-8") as handle:
+                environment = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        value = environment.get("world_size") if isinstance(environment, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def read_metric_lines(path: str) -> list[dict[str, Any]]:

@@ -9,6 +9,11 @@ pair when they have the same dataset, protocol, validation and test fold and see
 (:attr:`~cdft_core.reports.collect.Run.pair_key`); runs without a partner are left out
 and the n says how many pairs remain.
 
+Why rows pair by their configuration, not their labels: a row's setting label names only
+what varies within its dataset, backbone and strategy, so one more run of one triple
+relabels its rows while the others keep theirs. Two rows pair when every value that
+changes the measurement agrees except the compared axis's own (:data:`AXIS_KEYS`).
+
 Why both tests, and the note: the Wilcoxon test assumes no normality but with 5 pairs its
 smallest possible two-sided p is 0.0625, with 3 pairs 0.25 — it cannot reject anything
 with the 3 to 5 rotations a protocol has. The t-test can, but leans on normal
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
-from cdft_core.reports.rows import Row
+from cdft_core.reports.rows import Row, same_value, shown_key
 
 #: the metrics compared (those the runs have)
 COMPARED = ("accuracy", "f1_macro", "f1_paper", "roc_auc")
@@ -34,6 +39,9 @@ FEW = 5
 FEW_NOTE = "n too small to mean much"
 #: differences are rounded to this many decimals before testing (floating-point noise is not a difference)
 DIGITS = 12
+#: flat configuration keys that belong to the compared axis (one ending in "." covers a mapping's keys): a
+#: strategy brings its options and its adapter (unset, the adapter is the strategy's default), a backbone its weights
+AXIS_KEYS = {"strategy": ("strategy_options.", "adapter", "adapter_options."), "backbone": ("weights",)}
 
 
 #: the columns of ``comparisons.csv`` (:meth:`Comparison.to_row`)
@@ -71,7 +79,7 @@ def compare_rows(rows: Sequence[Row], metrics: Sequence[str] = COMPARED) -> list
     or exactly the backbone, on each metric both have paired values of."""
     out: list[Comparison] = []
     for first, second in combinations(rows, 2):
-        if (first.dataset, first.setting) != (second.dataset, second.setting):
+        if first.dataset != second.dataset:
             continue
         if first.backbone == second.backbone and first.strategy != second.strategy:
             kind, within, a, b = "strategy", first.backbone, first.strategy, second.strategy
@@ -79,6 +87,9 @@ def compare_rows(rows: Sequence[Row], metrics: Sequence[str] = COMPARED) -> list
             kind, within, a, b = "backbone", first.strategy, first.backbone, second.backbone
         else:
             continue
+        if not same_setting(first, second, kind):
+            continue
+        setting = shared_setting(first, second)
         for metric in metrics:
             left, right, dropped = paired_values(first, second, metric)
             if not left:
@@ -86,9 +97,31 @@ def compare_rows(rows: Sequence[Row], metrics: Sequence[str] = COMPARED) -> list
             result = paired_test(left, right)
             notes = [*result.pop("notes"), *([f"{dropped} duplicate run(s) of one split and seed left out"]
                                             if dropped else [])]
-            out.append(Comparison(first.dataset, kind, within, first.setting, a, b, metric, len(left),
+            out.append(Comparison(first.dataset, kind, within, setting, a, b, metric, len(left),
                                   note="; ".join(notes), **result))
     return out
+
+
+def same_setting(first: Row, second: Row, kind: str) -> bool:
+    """Whether two rows were run the same way but for the compared axis (``kind``): every flat
+    configuration key agrees, the axis's own (:data:`AXIS_KEYS`) aside. A row whose configuration
+    could not be read pairs with nothing."""
+    if first.config is None or second.config is None:
+        return False
+    keys = set(first.config) | set(second.config)
+    return all(same_value(first.config, second.config, key) for key in keys if not _on_axis(key, kind))
+
+
+def _on_axis(key: str, kind: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in AXIS_KEYS[kind])
+
+
+def shared_setting(first: Row, second: Row) -> str:
+    """The comparison's setting: the keys either row's label names, with their values
+    (``adapter=cdtm − none`` for an axis key the two sides differ in); ``""`` when neither names any."""
+    keys = sorted(set(first.named) | set(second.named))
+    values = [(k, first.shown(k), second.shown(k)) for k in keys]
+    return ", ".join(f"{shown_key(k)}={a}" if a == b else f"{shown_key(k)}={a} − {b}" for k, a, b in values)
 
 
 def paired_values(first: Row, second: Row, metric: str) -> tuple[list[float], list[float], int]:

@@ -8,6 +8,10 @@ what is measured (learning rate, epochs, dataset options such as the magnificati
 protocol...) would be averaged into a number nobody ran, so they are split into rows
 named by what differs (``lr=0.001``). Paths, workers, logging, caches and the device do
 not change the measurement and are ignored; folds and seed are what tells samples apart.
+The number of training processes is part of the setting (``processes=2``): it multiplies
+the effective batch, and it is not in ``config.yaml`` but in ``summary.json``. A run that
+does not say it (written before summaries recorded it, with no ``environment.json`` saying
+it either) counts as ``processes=unknown``: a value of its own, like any key some runs lack.
 A key that only some runs set counts as a value of its own (``default``: the run left it
 to the default), and a run whose ``config.yaml`` cannot be read gets a row of its own —
 nothing says it was run the same way as the others.
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +75,11 @@ class Row:
     setting: str
     samples: list[Sample] = field(default_factory=list)
     slug: str = ""
+    #: what every run of the row was run with (the flat keys that change the measurement), for pairing
+    #: rows by value rather than by label; None: the configuration could not be read, it pairs with nothing
+    config: dict[str, Any] | None = None
+    #: the keys the setting names (those that vary among the runs of the row's dataset, backbone and strategy)
+    named: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -88,6 +97,10 @@ class Row:
         counts = {s.run.parent: f"{s.run.cv_complete}/{s.run.cv_chosen}" for s in self.samples if s.run.partial}
         return f"partial: {', '.join(counts[p] for p in sorted(counts))} rotations" if counts else ""
 
+    def shown(self, key: str) -> str:
+        """A setting value as the row's label shows it (``default``: its runs leave the key unset)."""
+        return _shown((self.config or {}).get(key, _DEFAULT))
+
     def values(self, metric: str) -> list[float]:
         """The metric over the samples that have it (a run without it is not counted in its n)."""
         return [s.values[metric] for s in self.samples if metric in s.values]
@@ -100,10 +113,12 @@ def build_rows(runs: Sequence[Run], split: str) -> list[Row]:
         groups.setdefault((run.dataset, run.backbone, run.strategy), []).append(run)
     rows: dict[tuple[str, str, str, str], Row] = {}
     for (dataset, backbone, strategy), members in groups.items():
-        settings = _settings(members)
+        flat = {run.path: _flatten(run) for run in members if not run.config_problem}
+        varying = _varying(flat.values())
         for run in members:
-            key = (dataset, backbone, strategy, settings[run.path])
-            rows.setdefault(key, Row(*key)).samples.append(sample(run, split))
+            key = (dataset, backbone, strategy, _setting(run, flat, varying))
+            row = rows.setdefault(key, Row(*key, config=flat.get(run.path), named=varying))
+            row.samples.append(sample(run, split))
     ordered = [rows[key] for key in sorted(rows)]
     used: set[str] = set()
     for row in ordered:
@@ -133,26 +148,36 @@ def sample(run: Run, split: str) -> Sample:
 _DEFAULT = object()  # a key the run's configuration does not set
 
 
-def _settings(runs: Sequence[Run]) -> dict[str, str]:
-    """Each run's setting: the configuration values that differ among ``runs`` (``""`` when none
-    do). Every key any run sets counts; a run lacking it shows ``default``. A run without a
-    readable configuration is set apart by what went wrong and its path."""
-    out = {run.path: f"{run.config_problem}: {run.path}" for run in runs if run.config_problem}
-    flat = {run.path: _flatten(run) for run in runs if not run.config_problem}
-    keys = set().union(*(set(f) for f in flat.values()))
+def _varying(flats: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The keys whose values differ among the runs (sorted). Every key any run sets counts: a
+    run lacking it has a value of its own (the default)."""
+    flats = list(flats)
+    keys = set().union(*(set(f) for f in flats))
+    return tuple(sorted(k for k in keys if len({_value(f, k) for f in flats}) > 1))
 
-    def value(f: Mapping[str, Any], key: str) -> str:
-        return "\0default" if key not in f else json.dumps(f[key], sort_keys=True, default=str)
 
-    varying = sorted(k for k in keys if len({value(f, k) for f in flat.values()}) > 1)
-    out.update({path: ", ".join(f"{_shown_key(k)}={_shown(f.get(k, _DEFAULT))}" for k in varying)
-                for path, f in flat.items()})
-    return out
+def _setting(run: Run, flat: Mapping[str, Mapping[str, Any]], varying: Sequence[str]) -> str:
+    """The run's setting: its values of the ``varying`` keys (``""`` when none vary); a run without
+    a readable configuration is set apart by what went wrong and its path."""
+    if run.config_problem:
+        return f"{run.config_problem}: {run.path}"
+    f = flat[run.path]
+    return ", ".join(f"{shown_key(k)}={_shown(f.get(k, _DEFAULT))}" for k in varying)
+
+
+def same_value(first: Mapping[str, Any], second: Mapping[str, Any], key: str) -> bool:
+    """Whether two flat configurations agree on ``key`` (unset only equals unset)."""
+    return _value(first, key) == _value(second, key)
+
+
+def _value(flat: Mapping[str, Any], key: str) -> str:
+    return "\0default" if key not in flat else json.dumps(flat[key], sort_keys=True, default=str)
 
 
 def _flatten(run: Run) -> dict[str, Any]:
     """The run's configuration as flat keys (``dataset_options.magnification``), with the
-    protocol the run actually used (the configuration may leave it to the dataset)."""
+    protocol the run actually used (the configuration may leave it to the dataset) and its
+    number of processes."""
     out: dict[str, Any] = {}
     for key, value in run.config.items():
         if key in IGNORED:
@@ -163,10 +188,12 @@ def _flatten(run: Run) -> dict[str, Any]:
             out[key] = value
     if run.summary.get("protocol"):
         out["protocol"] = run.summary["protocol"]
+    out["processes"] = "unknown" if run.processes is None else run.processes
     return out
 
 
-def _shown_key(key: str) -> str:
+def shown_key(key: str) -> str:
+    """A flat key as settings show it (``dataset.magnification``)."""
     return key.replace("_options.", ".")
 
 
