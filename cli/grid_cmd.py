@@ -78,12 +78,15 @@ def _chosen(cells: list[Any], numbers: tuple[int, ...]) -> list[Any]:
 def _listing(grid: Any, cells: list[Any]) -> str:
     """The ``--dry-run`` table: number, name, each axis' value, state; then the counts."""
     from cdft_cli.output import table
-    from cdft_core.experiments.grid import cell_state
+    from cdft_core.experiments.grid import cell_status
 
-    states = {c.index: cell_state(grid, c) for c in cells}
+    statuses = {c.index: cell_status(grid, c) for c in cells}
+    states = {i: f"{s} ({', '.join(changes[:3])}{', ...' if len(changes) > 3 else ''})" if changes else s
+              for i, (s, changes) in statuses.items()}
     rows = [(c.index, c.name, *(c.labels[a] for a in grid.axes), states[c.index]) for c in cells]
-    counts = {s: list(states.values()).count(s) for s in ("done", "started", "new")}
+    counts = {s: [state for state, _ in statuses.values()].count(s) for s in ("done", "started", "new", "changed")}
     kind = "cross-validation" if grid.command == "cv" else "run"
+    changed = f", {counts['changed']} changed (remove their directories or restore the file)" if counts["changed"] else ""
     footer = (f"\n\n{len(cells)} cells (each a {kind}; {grid.excluded} excluded): {counts['done']} done, "
-              f"{counts['started']} started, {counts['new']} new; directories under {grid.output}")
+              f"{counts['started']} started, {counts['new']} new{changed}; directories under {grid.output}")
     return table(rows, ("#", "cell", *grid.axes, "state"), max_width=None) + footer

@@ -24,6 +24,7 @@ values (numbers with their key: ``seed2``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import itertools
@@ -34,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from cdft_core.config import FIELD_NAMES, RunConfig, merge
-from cdft_core.errors import UsageError
+from cdft_core.config import FIELD_NAMES, RESUME_OVERRIDES, RunConfig, absolute_paths, merge
+from cdft_core.errors import CdftError, UsageError
 from cdft_core.experiments.commands import DICT_FLAGS, option_args
 from cdft_core.text import one_line
 from cdft_core.yaml_files import load_yaml
@@ -268,10 +269,98 @@ def resume_args(grid: Grid, cell: Cell) -> list[str]:
 
 
 def cell_state(grid: Grid, cell: Cell) -> str:
-    """``done`` (its summary exists), ``started`` (its configuration exists) or ``new``."""
+    """``done`` (its summary exists), ``started`` (its configuration exists), ``new``, or
+    ``changed`` (see :func:`cell_status`)."""
+    return cell_status(grid, cell)[0]
+
+
+def cell_status(grid: Grid, cell: Cell) -> tuple[str, list[str]]:
+    """The cell's state and, when it is ``changed``, what differs (``lr: 1e+30 -> 0.0001``).
+
+    Why: resuming or skipping a cell goes by its directory, whose ``config.yaml`` a resume
+    reads back; a cell edited in the grid file since it started would otherwise rerun (or
+    keep) its old settings without a word. ``changed`` is a cell whose saved configuration
+    (a cv cell's parent's) no longer matches the one the grid file now asks for."""
     from cdft_core.training.rundir import RunDir
 
     rundir = RunDir(cell_dir(grid, cell))
-    if rundir.exists(DONE_MARKER[grid.command]):
-        return "done"
-    return "started" if rundir.exists("config.yaml") else "new"
+    done = rundir.exists(DONE_MARKER[grid.command])
+    if not rundir.exists("config.yaml"):
+        return ("done" if done else "new"), []
+    changes = config_changes(grid, cell, rundir.join("config.yaml"))
+    if changes:
+        return "changed", changes
+    return ("done" if done else "started"), []
+
+
+#: keys that may differ between a cell's saved configuration and the grid's: those a resumed
+#: run may change, and where the directory is (the grid names it; runs_dir is unused then)
+_UNCOMPARED = (*RESUME_OVERRIDES, "output", "runs_dir")
+
+
+def config_changes(grid: Grid, cell: Cell, saved_path: str) -> list[str]:
+    """``key: saved -> wanted`` for each key that changes what is computed, in field order.
+
+    Both sides are settled as a run settles its configuration before saving it, and only
+    keys the saved file records are compared (cdft records them all). A saved file that
+    cannot be read is left to the resume (or the skip) to meet, as before."""
+    try:
+        recorded = {str(k).replace("-", "_") for k in load_yaml(saved_path)}
+        saved = _settled(merge(RunConfig(), load_yaml(saved_path), source=saved_path))
+    except CdftError:
+        return []
+    preset = cell.values.get("config")
+    fields = {k: v for k, v in cell.values.items() if k in FIELD_NAMES}
+    base = merge(RunConfig(), load_yaml(str(preset)), source=str(preset)) if preset else RunConfig()
+    wanted = _settled(merge(base, fields, source=f"{grid.source}: cell {cell.index} ({cell.name})"))
+    return [f"{key}: {_brief(getattr(saved, key))} -> {_brief(getattr(wanted, key))}" for key in FIELD_NAMES
+            if key in recorded and key not in _UNCOMPARED and getattr(saved, key) != getattr(wanted, key)]
+
+
+def _settled(config: RunConfig) -> RunConfig:
+    """``config`` as a run saves it: paths absolute, the strategy's default adapter named,
+    the dataset's options with their defaults and its split file's record. A name that does
+    not resolve is left as given: the cell's own run reports it in its own words."""
+    config = absolute_paths(config)
+    settled: dict[str, Any] = {}
+    with contextlib.suppress(Exception):  # any failure here is the run's to report
+        if config.adapter is None:
+            settled["adapter"] = _default_adapter(config)
+    with contextlib.suppress(Exception):
+        settled["dataset_options"] = _dataset_options(config)
+    return dataclasses.replace(config, **settled)
+
+
+def _default_adapter(config: RunConfig) -> str:
+    """The adapter a run names when none is given: its strategy's default (the registered
+    one when the strategy refuses these options, so only the options show as changed)."""
+    from cdft_core.registry import get_registry
+    from cdft_core.strategy import build_strategy
+
+    try:
+        return build_strategy(config.strategy, config.strategy_options).default_adapter
+    except CdftError:
+        return str(dict(get_registry().get("strategy", config.strategy).metadata)["default_adapter"])
+
+
+def _dataset_options(config: RunConfig) -> dict[str, str]:
+    """The dataset options a run records (as :func:`cdft_core.data.splits.load_splits` settles them)."""
+    from cdft_core.data.options import build_dataset
+
+    _, resolved = build_dataset(str(config.dataset), config.dataset_options)
+    if config.split_file:
+        from cdft_core.data.splits import agree_with_split_file
+        from cdft_core.data.tables import read_split_file
+
+        _, agreed = agree_with_split_file(read_split_file(config.split_file), config.split_file,
+                                          str(config.dataset), config.dataset_options, resolved)
+        if agreed != resolved:
+            _, resolved = build_dataset(str(config.dataset), agreed)
+    return resolved
+
+
+def _brief(value: Any) -> str:
+    """A value as a change shows it: ``1e+30``, ``0.0001``, ``null``, ``{"task": "binary"}``."""
+    if value is None or isinstance(value, (bool, Mapping)):
+        return one_line(json.dumps(value, sort_keys=True, default=str), 60)
+    return one_line(str(value), 60)

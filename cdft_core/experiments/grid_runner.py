@@ -1,5 +1,6 @@
 """Running a grid's cells on this machine: one after the other, or ``jobs`` at once with one
-GPU each; done cells skipped, started ones resumed, a failed cell never stopping the rest.
+GPU each; done cells skipped, started ones resumed, a failed cell never stopping the rest,
+and nothing run while a cell's directory holds other settings than the grid file now gives.
 
 Why subprocesses: each cell is exactly the ``cdft`` command ``--print-commands`` shows (or
 its ``--resume`` form), so a local grid and a scheduled one run the same thing; and a
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from cdft_core.errors import Interrupted, UsageError
-from cdft_core.experiments.grid import Cell, Grid, cell_args, cell_dir, cell_state, resume_args
+from cdft_core.experiments.grid import Cell, Grid, cell_args, cell_dir, cell_status, resume_args
 from cdft_core.text import one_line
 
 #: seconds between looks at the running cells
@@ -92,14 +93,16 @@ class _Running:
 def run_grid(grid: Grid, cells: Sequence[Cell], *, jobs: int = 1, say: Callable[[str], None] | None = None,
              program: Sequence[str] | None = None) -> list[Outcome]:
     """Run ``cells`` (done ones skipped, started ones resumed), ``jobs`` at a time; returns
-    one outcome per cell, in cell order. ``program`` runs ``cdft`` (default: this Python's ``-m cdft_cli``)."""
+    one outcome per cell, in cell order. A changed cell refuses the whole run (:func:`refuse_changed`). ``program`` runs ``cdft`` (default: this Python's ``-m cdft_cli``)."""
     say = say or _stderr
     program = list(program or [sys.executable, "-m", "cdft_cli"])
     free = device_slots(jobs, cells)
     outcomes: dict[int, Outcome] = {}
     pending: deque[tuple[Cell, list[str]]] = deque()
+    states = {cell.index: cell_status(grid, cell) for cell in cells}
+    refuse_changed(grid, cells, states)
     for cell in cells:
-        state = cell_state(grid, cell)
+        state = states[cell.index][0]
         if state == "done":
             outcomes[cell.index] = Outcome(cell, "skipped")
             say(f"grid: cell {cell.index} {cell.name} is done: skipped")
@@ -129,6 +132,22 @@ def run_grid(grid: Grid, cells: Sequence[Cell], *, jobs: int = 1, say: Callable[
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return [outcomes[c.index] for c in cells]
+
+
+def refuse_changed(grid: Grid, cells: Sequence[Cell], states: dict[int, tuple[str, list[str]]]) -> None:
+    """One usage error, before any cell starts, when a cell's directory holds a run made with
+    other settings than the grid file now gives: resuming would go on with the saved ones
+    and skipping would keep results the file no longer describes."""
+    changed = [c for c in cells if states[c.index][0] == "changed"]
+    if not changed:
+        return
+    shown = ", ".join(f"{c.index} {c.name} ({', '.join(states[c.index][1][:3])}"
+                      f"{', ...' if len(states[c.index][1]) > 3 else ''})" for c in changed[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    dirs = " ".join(cell_dir(grid, c) for c in changed[:3]) + (" ..." if more else "")
+    one, them = (f"cell {shown} holds", "it") if len(changed) == 1 else (f"cells {shown}{more} hold", "them")
+    raise UsageError(f"{one} a run made with other settings than {grid.source} now gives; remove {dirs} "
+                     f"to run {them} anew with the new settings, or restore the grid file")
 
 
 def _start(grid: Grid, cell: Cell, command: list[str], slot: str | None, jobs: int,
