@@ -31,6 +31,17 @@ def _fresh_registry(monkeypatch):
 
 
 # -- the image cache's tests (test_image_cache.py, test_cache_robustness.py) -----------------
+@pytest.fixture
+def offline_empty_cache(tmp_path, monkeypatch):
+    """No hub and nothing cached: pretrained weights can come only from a file. Returns the
+    (empty) hub cache directory."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hf" / "hub"
+
+
 @pytest.fixture(scope="module")
 def local_root(tmp_path_factory) -> str:
     """A small synthetic BreakHis tree, local."""

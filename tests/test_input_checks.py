@@ -21,15 +21,6 @@ from safetensors.torch import save_file
 from cdft_core.errors import CdftError, UsageError
 
 
-@pytest.fixture
-def offline_empty_cache(tmp_path, monkeypatch):
-    """No hub, nothing cached: pretrained weights can come only from --weights."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory) -> str:
     root, _ = engine_data(tmp_path_factory)

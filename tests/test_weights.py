@@ -34,15 +34,6 @@ def assert_same_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor]) 
         assert torch.equal(own[key], value), key
 
 
-@pytest.fixture
-def offline_empty_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path / "hf" / "hub"
-
-
 def fill_hub_cache(cache: str, repo_id: str, filename: str, state: dict[str, torch.Tensor]) -> None:
     """The on-disk layout huggingface_hub uses: refs/main names a snapshot folder."""
     from pathlib import Path
