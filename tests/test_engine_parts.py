@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import types
 
 import numpy as np
@@ -93,6 +94,8 @@ def test_model_file_and_resume_state(tmp_path):
 def test_run_directories(tmp_path):
     name = auto_name("breakhis", "vit_base_patch16_clip_224.laion2b", "staged", 0, 1, 1, when=0)
     assert name.startswith("breakhis-vit_base_patch16_clip_224.laion2b-staged-v0t1-s1-19")
+    assert re.fullmatch(r".*-s1-\d{8}-\d{6}", name)  # the documented YYYYmmdd-HHMMSS, not YYYYmmdd_HHMMSS
+    assert auto_name("a-b", "x/y", "s", 0, 1, 1, when=0).startswith("a_b-x_y-s-v0t1-s1-")
     first = create_run_dir(None, str(tmp_path), "same")
     (tmp_path / "same" / "config.yaml").write_text("x")
     second = create_run_dir(None, str(tmp_path), "same")

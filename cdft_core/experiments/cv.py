@@ -24,9 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,7 +34,7 @@ from cdft_core.errors import CdftError, UsageError
 from cdft_core.experiments.commands import changed_values, flag, option_args
 from cdft_core.experiments.cv_summary import cv_summary
 from cdft_core.text import one_line
-from cdft_core.training.rundir import CV_PLAN, RunDir, check_output, create_run_dir
+from cdft_core.training.rundir import CV_PLAN, RunDir, check_output, create_run_dir, safe_part, time_stamp
 from cdft_core.yaml_files import load_yaml
 
 if TYPE_CHECKING:
@@ -192,9 +190,8 @@ def rotation_config(plan: CvPlan, rotation: Rotation) -> RunConfig:
 
 def cv_name(config: RunConfig, when: float | None = None) -> str:
     """``<dataset>-<backbone>-<strategy>-cv-s<seed>-<YYYYmmdd-HHMMSS>``, filesystem-safe."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when if when is not None else time.time()))
-    parts = [config.dataset, config.backbone, config.strategy, "cv", f"s{config.seed}", stamp]
-    return "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", str(p)).strip("_") or "x" for p in parts)
+    parts = [config.dataset, config.backbone, config.strategy, "cv", f"s{config.seed}"]
+    return "-".join([*(safe_part(p) for p in parts), time_stamp(when)])
 
 
 # -- running ----------------------------------------------------------------------------

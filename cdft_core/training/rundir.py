@@ -92,13 +92,19 @@ class RunDir:
 def auto_name(dataset: str, backbone: str, strategy: str, val_fold: int, test_fold: int, seed: int,
               when: float | None = None) -> str:
     """``<dataset>-<backbone>-<strategy>-v<val>t<test>-s<seed>-<YYYYmmdd-HHMMSS>``, filesystem-safe."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when if when is not None else time.time()))
-    parts = [dataset, backbone, strategy, f"v{val_fold}t{test_fold}", f"s{seed}", stamp]
-    return "-".join(_safe(p) for p in parts)
+    parts = [dataset, backbone, strategy, f"v{val_fold}t{test_fold}", f"s{seed}"]
+    return "-".join([*(safe_part(p) for p in parts), time_stamp(when)])
 
 
-def _safe(text: str) -> str:
+def safe_part(text: str) -> str:
+    """One part of an automatic name: anything but letters, digits, ``_`` and ``.`` becomes
+    ``_``, so the ``-`` between parts stays unambiguous."""
     return re.sub(r"[^A-Za-z0-9_.]+", "_", str(text)).strip("_") or "x"
+
+
+def time_stamp(when: float | None = None) -> str:
+    """``YYYYmmdd-HHMMSS`` in local time (the last part of an automatic name, kept as is)."""
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(when if when is not None else time.time()))
 
 
 def holds_run(rundir: RunDir) -> bool:
