@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from cdft_cli.output import echo_json, report_plugin_problems, table, warn
+from cdft_core.config import MAX_SEED
 from cdft_core.errors import CdftError, UsageError
 
 OWN_OPTIONS = ("--folds", "--seed", "-o/--output", "--json")
@@ -154,7 +155,8 @@ class PrepareCommand(click.Command):
 @click.argument("name")
 @click.argument("root")
 @click.option("--folds", type=click.IntRange(min=2), default=None, help="Number of folds [default: the dataset's].")
-@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the fold assignment (the paper: 1).")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=1, show_default=True,
+              help="Seed of the fold assignment (the paper: 1).")
 @click.option("-o", "--output", required=True, help="The split CSV to write (path or fsspec URL).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from cdft_cli.output import echo_json
+from cdft_core.config import MAX_SEED
 
 NEXT_STEP = {
     "breakhis": "cdft prepare breakhis {root} --folds 5 -o breakhis_synthetic.csv",
@@ -15,7 +16,7 @@ NEXT_STEP = {
 @click.command("make-synthetic")
 @click.argument("kind", type=click.Choice(sorted(NEXT_STEP)))
 @click.argument("directory")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Print {kind, root} as JSON.")
 def make_synthetic_command(kind: str, directory: str, seed: int, as_json: bool) -> None:
     """Write a synthetic KIND tree under DIRECTORY and print its data root.

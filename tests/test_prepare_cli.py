@@ -132,6 +132,17 @@ def test_make_synthetic_command(capsys, tmp_path):
     assert code == 2 and "'kather' is not one of 'breakhis', 'hcrf'" in err
 
 
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_numpy_cannot_take_is_a_usage_error(capsys, root, tmp_path, seed):
+    """The fold assignment and the synthetic data draw with numpy, which takes [0, 2**32 - 1]:
+    outside it, one usage line (as `cdft run --seed`), not numpy's ValueError."""
+    for args in (("prepare", "breakhis", root, "-o", str(tmp_path / "s.csv")),
+                 ("make-synthetic", "hcrf", str(tmp_path / "syn"))):
+        code, _, err = run_cli(capsys, *args, "--seed", seed)
+        assert code == 2 and "'--seed'" in err and "is not in the range 0<=x<=4294967295" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def breakhis_root_for_seed0() -> str:
     from helpers_data import _CACHE
 
