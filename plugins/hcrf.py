@@ -3,7 +3,9 @@
 Layout rule: an image's class is the nearest folder above it named like a class
 (``normal`` / ``abnormal`` by default, matched case-insensitively; the ``normal`` and
 ``abnormal`` options rename them). Images are found recursively (png, jpg/jpeg,
-tif/tiff); files outside both class folders are ignored.
+tif/tiff, bmp, webp: ``cdft_core.IMAGE_EXTENSIONS``); files outside both class folders are
+ignored. A class folder without an image (a misspelt ``--normal``, a folder of masks only)
+is a usage error saying how many masks were skipped there.
 
 Ground-truth masks are not inputs and are skipped: a file is a mask when its name
 (without extension) or any folder between the data root and the file contains the
@@ -55,6 +57,7 @@ class HCRF(BaseDataset):
 
     def __init__(self, normal: str = "normal", abnormal: str = "abnormal") -> None:
         self.folders = {normal.lower(): 0, abnormal.lower(): 1}
+        self.names = (normal, abnormal)
         if len(self.folders) != 2:
             raise UsageError(
                 f"--normal and --abnormal name the same folder {normal!r}; give two different folder names"
@@ -65,21 +68,37 @@ class HCRF(BaseDataset):
 
         rows: list[dict[str, Any]] = []
         images, masks = 0, []
+        masks_in = [0, 0]  # masks skipped inside each class's folders
         for path in root.files(extensions=IMAGE_EXTENSIONS):
             parts = path.split("/")
             images += 1
-            if is_mask(parts):
-                masks.append(path)
-                continue
             # the nearest class folder above the file
             hits = [i for i, part in enumerate(parts[:-1]) if part.lower() in self.folders]
-            if not hits:
+            label = self.folders[parts[hits[-1]].lower()] if hits else None
+            if is_mask(parts):
+                masks.append(path)
+                if label is not None:
+                    masks_in[label] += 1
                 continue
-            label = self.folders[parts[hits[-1]].lower()]
-            rows.append({"image_path": path, "label": label, "class_name": CLASSES[label]})
+            if label is not None:
+                rows.append({"image_path": path, "label": label, "class_name": CLASSES[label]})
         if not rows:
             raise CdftError(self._nothing_found(root, images, masks))
+        found = {row["label"] for row in rows}
+        for label in (0, 1):
+            if label not in found:
+                raise UsageError(self._class_missing(root, label, masks_in[label]))
         return pd.DataFrame(rows)
+
+    def _class_missing(self, root: DataRoot, label: int, masks: int) -> str:
+        """One class without an image (a misspelt --normal, a folder of masks only): a
+        one-class "HCRF" split would train and test on nothing of that class."""
+        name, option = self.names[label], ("--normal", "--abnormal")[label]
+        return (
+            f"no {CLASSES[label]} image ({_extensions()}) in a folder named {name!r} under {root.url} "
+            f"({masks} ground-truth mask(s) skipped there); name the folder holding the {CLASSES[label]} "
+            f"images with {option} NAME, or pass the HCRF folder as the data root"
+        )
 
     def _nothing_found(self, root: DataRoot, images: int, masks: list[str]) -> str:
         """Why a scan found no image: none at all, only masks (a root inside the ground truth), or no class folder."""
@@ -94,9 +113,14 @@ class HCRF(BaseDataset):
         if is_mask([root.url.rstrip("/").rsplit("/", 1)[-1], "image"]):
             skipped += " (the data root itself is named like a mask folder)"
         return (
-            f"no HCRF images (png, jpg, tif) in folders named {names} under {root.url}{skipped}; "
+            f"no HCRF images ({_extensions()}) in folders named {names} under {root.url}{skipped}; "
             f"pass the HCRF folder, or rename the class folders with --normal/--abnormal"
         )
+
+
+def _extensions(sep: str = ", ") -> str:
+    """``png, jpg, ...``: the extensions a scan reads, from the one list the data root uses."""
+    return sep.join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 
 
 def make_hcrf(**options: str) -> HCRF:
@@ -112,6 +136,6 @@ def register_datasets(register):
         metadata=dataset_metadata(
             HCRF,
             options=OPTIONS,
-            layout="<root>/**/{normal,abnormal}/**/<image>.{png,jpg,tif}; ground-truth masks (gt, mask) skipped",
+            layout=f"<root>/**/{{normal,abnormal}}/**/<image>.{{{_extensions(',')}}}; ground-truth masks (gt, mask) skipped",
         ),
     )

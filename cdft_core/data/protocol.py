@@ -215,13 +215,34 @@ class BaseDataset:
     def assign_folds(self, table: pd.DataFrame, folds: int, seed: int) -> list[int]:
         labels = table["label"].astype(int).tolist()
         if self.group_column and self.group_column in table.columns:
-            return stratified_group_folds(labels, table[self.group_column].astype(str).tolist(), folds, seed)
+            return stratified_group_folds(labels, group_keys(table, self.group_column), folds, seed)
         return stratified_folds(labels, folds, seed)
 
     def build_splits(
         self, table: pd.DataFrame, *, val_fold: int, test_fold: int, protocol: str
     ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         return split_table(table, self.protocols[protocol], val_fold, test_fold)
+
+
+def group_keys(table: pd.DataFrame, column: str) -> list[str]:
+    """Each row's group as text, for grouped folds; a row without one is a usage error.
+
+    Why refuse: as text, every empty cell became the one group ``nan``, so the rows of many
+    patients were kept together as a single "patient" and the group counts were wrong.
+    Guessing (one group per row) would hide the gap; the user knows which patient it is.
+    """
+    import pandas as pd
+
+    values = table[column].tolist()
+    empty = [i for i, v in enumerate(values) if pd.isna(v) or not str(v).strip()]
+    if empty:
+        raise UsageError(
+            f"{len(empty)} of {len(values)} rows have no {column} (e.g. {table['image_path'].iloc[empty[0]]!r}), "
+            f"so their folds cannot keep each {column} whole; fill in the {column} column for every row, "
+            f"or prepare without grouping (leave the {column} column out, or an image-level --split if the "
+            f"dataset offers one)"
+        )
+    return [str(v) for v in values]
 
 
 def class_names_from_table(table: pd.DataFrame, column: str = "class_name") -> list[str] | None:

@@ -53,13 +53,10 @@ def summarise(
         in_fold = table["fold"] == f
         fold_rows.append({"fold": f, "images": int(in_fold.sum()), "groups": n_groups(in_fold)})
 
-    leaking: list[dict[str, Any]] = []
+    leaking = leaking_groups(table, group_column) if has_groups else []
     cross_class: list[dict[str, Any]] = []
     if groups is not None:
         for name, rows in table.groupby(groups, sort=True):
-            fold_set = sorted(int(f) for f in rows["fold"].unique())
-            if len(fold_set) > 1:
-                leaking.append({"group": str(name), "folds": fold_set})
             labels = sorted(int(v) for v in rows["label"].unique())
             if len(labels) > 1:
                 cross_class.append({"group": str(name), "classes": [classes[v] for v in labels]})
@@ -96,6 +93,19 @@ def summarise(
         "folds_missing_classes": missing,
         "repeated_rows": repeated,
     }
+
+
+def leaking_groups(table: pd.DataFrame, group_column: str) -> list[dict[str, Any]]:
+    """The groups (patients) found in more than one fold: ``[{"group": "13412", "folds": [0, 2]}, ...]``,
+    by group name. One function for the prepare report and for the check a run makes of a
+    split file that records a patient-level split (:func:`~cdft_core.data.splits.load_splits`)."""
+    groups = table[group_column].astype(str)
+    leaking: list[dict[str, Any]] = []
+    for name, rows in table.groupby(groups, sort=True):
+        fold_set = sorted(int(f) for f in rows["fold"].unique())
+        if len(fold_set) > 1:
+            leaking.append({"group": str(name), "folds": fold_set})
+    return leaking
 
 
 def _capped(items: Sequence[str], max_listed: int) -> str:

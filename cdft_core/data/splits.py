@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdft_core.data.options import build_dataset, choose_protocol, declared_options, option_key
 from cdft_core.data.protocol import Dataset
-from cdft_core.data.report import summarise
+from cdft_core.data.report import leaking_groups, summarise
 from cdft_core.data.tables import (
     DECODE_CHECK,
     check_table,
@@ -193,9 +193,8 @@ def load_splits(
     chosen = choose_protocol(ds, protocol)
     data_root = DataRoot.open(root)
     if split_file is not None:
-        raw, agreed = agree_with_split_file(
-            read_split_file(split_file), str(split_file), dataset, options or {}, resolved, registry
-        )
+        written = read_split_file(split_file)
+        raw, agreed = agree_with_split_file(written, str(split_file), dataset, options or {}, resolved, registry)
         if agreed != resolved:
             try:
                 ds, resolved = build_dataset(dataset, agreed, registry)
@@ -205,6 +204,7 @@ def load_splits(
         table = check_table(
             raw, classes, data_root, source=str(split_file), require_fold=True, decode_check=decode_check
         )
+        refuse_patient_leakage(table, recorded_options(written, str(split_file))[2], ds.group_column, str(split_file))
     else:
         table, classes, _ = _scan_and_fold(ds, data_root, folds, seed, decode_check)
     train, val, test = ds.build_splits(table, val_fold=int(val_fold), test_fold=int(test_fold), protocol=chosen)
@@ -220,6 +220,30 @@ def load_splits(
         split_file=None if split_file is None else str(split_file),
         group_column=ds.group_column,
     )
+
+
+def refuse_patient_leakage(
+    table: pd.DataFrame, recorded: Mapping[str, str], group_column: str | None, source: str
+) -> None:
+    """A split file that records ``split=patient`` must keep every patient in one fold.
+
+    Why: a hand-edited file (a row moved to another fold) would otherwise train silently
+    with validation and test sharing patients with training, while its record, the saved
+    config and the report all say the split is patient-level. Only a recorded patient
+    split is checked: an image-level split (and a file without a record, the paper's)
+    legitimately puts a patient's images in several folds.
+    """
+    if recorded.get("split") != "patient" or not group_column or group_column not in table.columns:
+        return
+    leaking = leaking_groups(table[table[group_column].notna()], group_column)
+    if leaking:
+        first, who = leaking[0], "patients are" if len(leaking) > 1 else "patient is"
+        folds = [str(f) for f in first["folds"]]
+        raise UsageError(
+            f"split file {source} records --split patient but {len(leaking)} {who} in several folds "
+            f"(e.g. {first['group']} in folds {', '.join(folds[:-1])} and {folds[-1]}): validation and test would "
+            f"share patients with training; re-create it with `cdft prepare`"
+        )
 
 
 def agree_with_split_file(
