@@ -199,7 +199,7 @@ def setup(config: RunConfig, resume: str | None = None, argv: list[str] | None =
         test=ImageDataset(splits.root, splits.test, eval_transform(model.data_config), cache),
     )
     # created after the images are cached: an unreadable image leaves no run directory behind
-    rundir, saved, metric_lines = open_run_dir(config, resume, dist_info, log, argv or sys.argv, model.spec)
+    rundir, saved, metric_lines = open_run_dir(config, resume, dist_info, log, argv or sys.argv, model.spec, splits)
     progress = saved.progress if saved is not None else Progress()
     tb = TensorBoardLog(rundir.join("tensorboard"), enabled=dist_info.is_main and config.tensorboard,
                         # events after the saved state are dropped; those at its step (the last completed epoch's) kept

@@ -196,27 +196,42 @@ def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | N
     """Re-evaluate a saved model on a split of its run's data (or ``split_file``/``data_root``).
 
     The checkpoint carries the model spec (rebuilt without downloading anything), the
-    run's configuration and the class names.
+    run's configuration and the class names. A checkpoint of a run directory is evaluated
+    on the run's own ``split.csv`` (the rows it trained on) when the run has one, so an
+    edited split file cannot change what its summary reports; one warning line says so
+    when the configured file now gives other rows. Older runs read the configured file.
     """
     from cdft_core.config import RunConfig, merge, resolve_device
     from cdft_core.data.image_cache import cache_for_tables
     from cdft_core.data.images import ImageDataset
     from cdft_core.data.splits import load_splits
+    from cdft_core.data.tables import DECODE_CHECK
     from cdft_core.data.transforms import eval_transform
     from cdft_core.inference.model_loading import inference_precision, model_from_tensors, recorded_plugins
     from cdft_core.training.checkpoint import read_model
+    from cdft_core.training.rundir import run_split_of
 
     checkpoint = find_checkpoint(target)
     tensors, meta = read_model(checkpoint)
     if "cdft_config" not in meta:
         raise UsageError(f"{checkpoint!r} has no run configuration in its metadata; it was not written by `cdft run`")
     config = merge(RunConfig(), meta["cdft_config"], source=checkpoint)
-    with recorded_plugins(meta):
-        splits = load_splits(
-            config.dataset, data_root or config.data_root, split_file=split_file or config.split_file,
-            val_fold=config.val_fold, test_fold=config.test_fold, protocol=config.protocol,
-            options=config.dataset_options, folds=config.folds, seed=config.seed,
-        )
+
+    def load(path: str | None, decode_check: int | None = DECODE_CHECK) -> Any:
+        with recorded_plugins(meta):
+            return load_splits(
+                config.dataset, data_root or config.data_root, split_file=path,
+                val_fold=config.val_fold, test_fold=config.test_fold, protocol=config.protocol,
+                options=config.dataset_options, folds=config.folds, seed=config.seed, decode_check=decode_check,
+            )
+
+    own = None if split_file else run_split_of(checkpoint)
+    splits = load(split_file or own or config.split_file)
+    if own and config.split_file and _split_changed(config.split_file, splits, load):
+        import click
+
+        click.echo(f"warning: split file {config.split_file!r} changed since the run; evaluating the run's own copy "
+                   f"{own!r} (pass --split-file to evaluate another split)", err=True)
     classes = list(meta.get("cdft_classes") or splits.classes)
     if list(splits.classes) != classes:
         raise CdftError(f"the data has classes {splits.classes} but the checkpoint was trained on {classes}")
@@ -235,6 +250,30 @@ def evaluate_checkpoint(target: str, *, split: str = "test", split_file: str | N
                       inference_precision(config.precision, torch_device), description=f"evaluating {split}")
     result = metrics_of(outputs, classes, splits.groups(split))
     return CheckpointEvaluation(checkpoint, split, meta, classes, result, cache.directory if cache else None, outputs)
+
+
+def _split_changed(configured: str, own: Any, load: Any) -> bool:
+    """Whether the split file a run was configured with, where it still exists, now gives other
+    rows, folds, labels or groups than ``own`` (the splits of the run's copy); a file that no
+    longer loads counts as changed, one that is gone does not (nothing to confuse it with)."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(str(configured))
+        if not fs.exists(path):
+            return False
+        current = load(configured, 0)
+    except (CdftError, UsageError, OSError, ValueError, ImportError):
+        return True
+    if list(current.classes) != list(own.classes):
+        return True
+    for name in ("train", "val", "test"):
+        ours, theirs = getattr(own, name), getattr(current, name)
+        if any(ours[c].tolist() != theirs[c].tolist() for c in ("image_path", "label", "fold")):
+            return True
+        if own.groups(name) != current.groups(name):
+            return True
+    return False
 
 
 def eval_batch_size(config: Any) -> int:

@@ -138,7 +138,7 @@ def run_probe(config: RunConfig, lrs: Sequence[float], weight_decays: Sequence[f
     from cdft_core.training.frozen import FeatureSource, eval_features, view_features
     from cdft_core.training.loaders import SeededAugmentation
     from cdft_core.training.preflight import load_run_splits, preflight
-    from cdft_core.training.rundir import auto_name, create_run_dir
+    from cdft_core.training.rundir import auto_name, create_run_dir, write_run_split
 
     started = time.time()
     check_grid(lrs, weight_decays)
@@ -163,6 +163,7 @@ def run_probe(config: RunConfig, lrs: Sequence[float], weight_decays: Sequence[f
                              log=log) if config.cache else None
     rundir = create_run_dir(config.output, config.runs_dir, auto_name(config.dataset, config.backbone, "probe",
                                                                       config.val_fold, config.test_fold, config.seed))
+    write_run_split(rundir, splits)  # the rows `cdft eval` of this run evaluates, whatever becomes of the split file
     log(f"probe {rundir.url}: {config.dataset} ({len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test images, {len(splits.classes)} classes), {config.backbone}, {len(heads)} linear "
         f"heads ({len(lrs)} learning rates x {len(weight_decays)} weight decays) on {device}, {precision}")

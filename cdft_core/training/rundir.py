@@ -9,6 +9,7 @@ Layout::
 
     RUN/config.yaml            resolved configuration (``cdft run --config RUN/config.yaml`` repeats it)
     RUN/environment.json       package versions, command line, git commit, world size
+    RUN/split.csv              the split table the run trained on (``cdft eval`` evaluates it)
     RUN/metrics.jsonl          one line per stage, epoch and split
     RUN/train.log              the log lines of rank 0
     RUN/tensorboard/           TensorBoard event files
@@ -34,6 +35,8 @@ from cdft_core.text import one_line
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl")
 #: the plan of a ``cdft cv`` parent directory (its runs are the rotation-N folders inside)
 CV_PLAN = "cv.json"
+#: the run's own copy of the split table it trained on (:func:`write_run_split`)
+RUN_SPLIT = "split.csv"
 
 
 class RunDir:
@@ -230,6 +233,43 @@ def open_existing(path: str) -> RunDir:
     if not rundir.exists("config.yaml"):
         raise UsageError(f"{shown!r} is not a cdft run directory (no config.yaml)")
     return rundir
+
+
+def write_run_split(rundir: RunDir, splits: Any) -> None:
+    """Write the rows a run trains on (``splits``: train, val and test, with their folds and
+    columns as loaded, and the dataset options recorded) as ``RUN/split.csv``.
+
+    The configured split file may be edited or deleted later, and an in-memory split
+    exists nowhere else: this copy is what makes ``cdft eval`` of the run evaluate the
+    very test set its summary reports.
+    """
+    import pandas as pd
+
+    from cdft_core.data.tables import record_options, write_split_file
+
+    table = pd.concat([splits.train, splits.val, splits.test], ignore_index=True)
+    table = table.drop_duplicates("image_path", ignore_index=True)  # a protocol reusing a fold in two parts
+    write_split_file(record_options(table, splits.dataset, splits.options), rundir.join(RUN_SPLIT))
+
+
+def run_split_of(checkpoint: str) -> str | None:
+    """``RUN/split.csv`` of the run a model file belongs to (``RUN`` itself or ``RUN/<stage>/x``),
+    or None: a run written before the copy existed, or a file outside any run."""
+    import posixpath
+
+    rundir = RunDir(checkpoint)
+    if not rundir.is_local:
+        parent = posixpath.dirname(posixpath.dirname(rundir.url))
+    else:
+        parent = os.path.dirname(os.path.dirname(os.path.abspath(rundir.url)))
+    for candidate in (rundir.url, parent):
+        try:
+            run = RunDir(candidate)
+            if run.fs.isdir(run.path) and run.exists("config.yaml") and run.exists(RUN_SPLIT):
+                return run.join(RUN_SPLIT)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def run_plugins(config: Any, spec: Mapping[str, Any]) -> dict[str, dict[str, str]]:

@@ -27,7 +27,15 @@ from cdft_core.training.faults import StepHook
 from cdft_core.training.launch import record_run_dir
 from cdft_core.training.loaders import RunLoaders
 from cdft_core.training.log import RunLog
-from cdft_core.training.rundir import RunDir, auto_name, create_run_dir, environment_info, open_existing, run_plugins
+from cdft_core.training.rundir import (
+    RunDir,
+    auto_name,
+    create_run_dir,
+    environment_info,
+    open_existing,
+    run_plugins,
+    write_run_split,
+)
 from cdft_core.training.signals import StopRequest
 
 if TYPE_CHECKING:
@@ -187,8 +195,13 @@ class Run:
 
 
 def open_run_dir(config: RunConfig, resume: str | None, dist_info: DistInfo, log: RunLog,
-                 argv: list[str], spec: Mapping[str, Any]) -> tuple[RunDir, SavedState | None, list[dict]]:
+                 argv: list[str], spec: Mapping[str, Any],
+                 splits: Splits | None = None) -> tuple[RunDir, SavedState | None, list[dict]]:
     """Rank 0 creates the run directory, or reopens it to resume; every rank gets the saved state.
+
+    A new run also gets ``split.csv``, the rows of ``splits`` it trains on
+    (:func:`~cdft_core.training.rundir.write_run_split`); a resumed run keeps the one
+    written at its creation.
 
     Returns the directory, the saved state (None for a new run or one killed before its
     first save) and the ``metrics.jsonl`` lines that state covers.
@@ -199,6 +212,8 @@ def open_run_dir(config: RunConfig, resume: str | None, dist_info: DistInfo, log
             name = auto_name(config.dataset, config.backbone, config.strategy, config.val_fold, config.test_fold, config.seed)
             rundir = create_run_dir(config.output, config.runs_dir, name)
             rundir.write_text("config.yaml", dump_yaml(config))
+            if splits is not None:
+                write_run_split(rundir, splits)
             rundir.write_text("environment.json", json.dumps(
                 environment_info(list(argv), dist_info.world_size, run_plugins(config, spec)), indent=2))
             url = rundir.url
