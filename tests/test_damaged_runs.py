@@ -280,3 +280,22 @@ def test_a_damaged_resume_tensor_file_is_one_line(interrupted, tmp_path):
     code, _, err = invoke("run", "--resume", str(copy))
     line = _one_error_line(err)
     assert code == 1 and "is damaged (" in line and "is not a regular file" in line, err
+
+
+@pytest.mark.slow
+def test_resume_weights_of_another_model_are_a_damaged_state(interrupted, tmp_path):
+    """A resume state whose weights belong to another model (files mixed up between runs):
+    one line naming the state, not torch's list of every missing and unexpected key."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    copy = _copy(interrupted, tmp_path)
+    model_file = sorted((copy / "resume").glob("*.model.safetensors"))[-1]
+    renamed = {f"other.{key}": value for key, value in load_file(str(model_file)).items()}
+    with safe_open(str(model_file), "pt") as handle:
+        metadata = handle.metadata()
+    save_file(renamed, str(model_file), metadata=metadata)
+    code, _, err = invoke("run", "--resume", str(copy))
+    line = _one_error_line(err)
+    assert code == 1 and "is damaged (its weights do not fit this run's model: " in line, err
+    assert line.endswith("; start a new run, or resume from an intact copy of the run"), line

@@ -246,7 +246,7 @@ def _settle_resume(run: Run, saved: SavedState) -> None:
     stage's optimizer state and moving average (for their builders) — or, when the state
     was saved after a stage's last epoch (or its early stop), complete that stage and move on."""
     progress, index = run.progress, run.progress.stage_index
-    run.model.load_state_dict({k: v.to(run.dist.device) for k, v in saved.model.items()})
+    saved.load_weights(run.model, run.dist.device)
     if progress.step:  # saved in the middle of an epoch (SIGTERM)
         restore_rng(*saved.rng[run.dist.rank])
         progress.epoch_sums = dict(saved.epoch_sums[run.dist.rank])

@@ -107,6 +107,16 @@ class SavedState:
     epoch_sums: list[dict]  # one entry per rank
     progress: Progress
     ema: dict[str, torch.Tensor] | None = None  # the interrupted stage's --ema average
+    source: str = "RUN/resume"  # the record it was read from, for errors
+
+    def load_weights(self, model: torch.nn.Module, device: torch.device) -> None:
+        """The saved weights into ``model``; weights of another model (an edited or mixed-up
+        state) are a damaged state, in one line, not torch's list of every mismatched key."""
+        try:
+            model.load_state_dict({k: v.to(device) for k, v in self.model.items()})
+        except RuntimeError as exc:
+            raise damaged_resume(self.source, f"its weights do not fit this run's model: "
+                                              f"{one_line(str(exc), 160)}") from None
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any]) -> SavedState:
@@ -119,6 +129,7 @@ class SavedState:
             model=state["model"], optimizer=state["optimizer"], scaler=record.get("scaler"), rng=state["rng"],
             epoch_sums=list(record.get("epoch_sums") or []),
             progress=Progress(**{k: v for k, v in record.items() if k in known}), ema=state.get("ema"),
+            source=state.get("source", "RUN/resume"),
         )
 
 
