@@ -19,6 +19,15 @@ class UsageError(CdftError):
     exit_code = 2
 
 
+class UnknownComponent(UsageError):
+    """A name no plugin provides; ``kind`` and ``name`` say which, so a caller can add what it
+    knows (a checkpoint names the plugin it was made with) without reading the message."""
+
+    def __init__(self, message: str, kind: str, name: str) -> None:
+        super().__init__(message)
+        self.kind, self.name = kind, name
+
+
 class PluginError(CdftError):
     """A plugin failed to load or registered something invalid."""
 

@@ -15,6 +15,14 @@ from cdft_core.errors import CdftError, UsageError
 from cdft_core.text import one_line
 
 
+def existing_ancestor(path: str) -> str:
+    """The nearest existing folder (or file) at or above local ``path``."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    return probe
+
+
 def unwritable_reason(path: str) -> str | None:
     """Why nothing can be created at local ``path`` now, or None when it can.
 
@@ -23,9 +31,7 @@ def unwritable_reason(path: str) -> str | None:
     folders, pseudo-filesystems such as /proc, and they say yes to root. Commands ask this
     before any compute, so a bad ``-o`` costs a second, not the whole job.
     """
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
+    probe = existing_ancestor(path)
     if not os.path.isdir(probe):
         return f"{probe!r} is a file"
     try:

@@ -27,7 +27,7 @@ import pluggy
 
 from cdft_core import hookspecs
 from cdft_core.components import Component, Metadata, PluginInfo, Resolver
-from cdft_core.errors import PluginError, PluginUnavailable, UsageError
+from cdft_core.errors import PluginError, PluginUnavailable, UnknownComponent, UsageError
 from cdft_core.text import env_flag, one_line
 
 KINDS: tuple[str, ...] = ("dataset", "backbone", "adapter", "strategy")
@@ -170,7 +170,7 @@ class Registry:
                     provider=resolver.provider,
                     metadata=Metadata(claimed.get("metadata", {})),
                 )
-        raise UsageError(self._unknown_message(kind, name))
+        raise UnknownComponent(self._unknown_message(kind, name), kind, name)
 
     def list(self, kind: str | None = None, pattern: str | None = None, include_all: bool = False) -> list[Component]:
         """Curated components (plus resolver catalogues with ``include_all`` or a pattern)."""

@@ -108,6 +108,26 @@ def test_run_directories(tmp_path):
     check_output(str(tmp_path / "empty-ok"), "runs")  # a new directory is fine
 
 
+def test_an_output_folder_that_takes_no_file_is_refused_whatever_its_permission_bits(tmp_path, monkeypatch):
+    """Root passes permission checks on a read-only mount or an immutable folder: the run's
+    output is checked by creating a file there, as every other command's is."""
+    import tempfile
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir == str(locked):
+            raise OSError(30, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    with pytest.raises(UsageError, match=rf"--output '{locked}/run' is not writable \({locked} does not allow writing\)"):
+        check_output(str(locked / "run"), "runs")
+    assert list(locked.iterdir()) == []
+
+
 def test_run_and_eval_on_an_fsspec_url(tmp_path_factory):
     import fsspec
 

@@ -305,8 +305,9 @@ def config_changes(grid: Grid, cell: Cell, saved_path: str) -> list[str]:
     keys the saved file records are compared (cdft records them all). A saved file that
     cannot be read is left to the resume (or the skip) to meet, as before."""
     try:
-        recorded = {str(k).replace("-", "_") for k in load_yaml(saved_path)}
-        saved = _settled(merge(RunConfig(), load_yaml(saved_path), source=saved_path))
+        raw = load_yaml(saved_path)
+        recorded = {str(k).replace("-", "_") for k in raw}
+        saved = _settled(merge(RunConfig(), raw, source=saved_path))
     except CdftError:
         return []
     preset = cell.values.get("config")

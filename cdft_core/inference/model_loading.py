@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cdft_core.errors import CdftError, UsageError
+from cdft_core.errors import CdftError, UnknownComponent, UsageError
 from cdft_core.text import one_line
 
 
@@ -65,14 +65,14 @@ def recorded_plugins(meta: Mapping[str, Any]) -> Iterator[None]:
     training (``cdft_plugins`` in its metadata) and the package to install."""
     try:
         yield
-    except UsageError as exc:
+    except UnknownComponent as exc:
         recorded = meta.get("cdft_plugins")
-        for kind, row in (recorded.items() if isinstance(recorded, Mapping) else ()):
-            if (isinstance(row, Mapping) and row.get("distribution") not in (None, "cdft", "?")
-                    and str(exc).startswith(f"unknown {kind} {row.get('name')!r}")):
-                raise UsageError(f"{exc}; the checkpoint was made with {kind} {row['name']!r} of plugin "
-                                 f"{row.get('plugin')!r} ({row['distribution']} {row.get('version')}): install "
-                                 f"that package here (pip install {row['distribution']})") from exc
+        row = recorded.get(exc.kind) if isinstance(recorded, Mapping) else None
+        if (isinstance(row, Mapping) and row.get("name") == exc.name
+                and row.get("distribution") not in (None, "cdft", "?")):
+            raise UsageError(f"{exc}; the checkpoint was made with {exc.kind} {exc.name!r} of plugin "
+                             f"{row.get('plugin')!r} ({row['distribution']} {row.get('version')}): install "
+                             f"that package here (pip install {row['distribution']})") from exc
         raise
 
 

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cdft_core.errors import CdftError, UsageError
-from cdft_core.files import atomic_write
+from cdft_core.files import atomic_write, existing_ancestor, unwritable_reason
 from cdft_core.text import one_line
 
 #: files whose presence means "this directory holds a run"
@@ -136,22 +136,15 @@ def check_output(output: str | None, runs_dir: str) -> None:
             raise UsageError(f"--output {output!r} is a file, not a directory")
     if rundir.is_local:
         option = "--output" if output else "--runs-dir"
-        probe = _existing_ancestor(target)
+        probe = existing_ancestor(target)
         check_path_length(target, option, probe)
-        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-            why = "is a file" if os.path.isfile(probe) else "does not allow writing"
+        why = None
+        if os.path.isfile(probe):
+            why = "is a file"
+        elif unwritable_reason(probe):  # a file created there, not permission bits (root passes those)
+            why = "does not allow writing"
+        if why:
             raise UsageError(f"{option} {one_line(target, 120)!r} is not writable ({probe} {why}); choose another directory")
-
-
-def _existing_ancestor(path: str) -> str:
-    """The nearest existing folder (or file) at or above ``path``."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    return probe
 
 
 def check_path_length(path: str, option: str, probe: str | None = None) -> None:
@@ -161,7 +154,7 @@ def check_path_length(path: str, option: str, probe: str | None = None) -> None:
     Checked before anything is created, so a refused path leaves no folders behind.
     """
     absolute = os.path.abspath(path)
-    probe = probe or _existing_ancestor(absolute)
+    probe = probe or existing_ancestor(absolute)
     try:
         name_max = os.pathconf(probe, "PC_NAME_MAX")
         path_max = os.pathconf(probe, "PC_PATH_MAX")
