@@ -131,3 +131,21 @@ def test_image_split_file_may_span_folds(breakhis):
     assert splits.options["split"] == "image"
     whole = [splits.train, splits.val, splits.test]
     assert any(len({int(f) for t in whole for f in t[t["patient"] == p]["fold"]}) > 1 for p in splits.train["patient"])
+
+
+def test_numeric_patients_stay_as_written_beside_an_empty_cell(breakhis, tmp_path):
+    """A patient column of numbers with one empty cell used to be read as floats (13412.0)."""
+    import pandas as pd
+
+    from cdft_core.data.splits import load_splits
+
+    root, base = breakhis
+    edited, old, new = _moved(base / "patient.csv", tmp_path / "edited.csv", 13412)
+    table = pd.read_csv(edited, dtype=str, keep_default_na=False)
+    other = table.index[table["patient"] != "13412"][0]
+    table.loc[other, "patient"] = ""
+    table.to_csv(edited, index=False)
+    with pytest.raises(UsageError) as raised:
+        load_splits("breakhis", root, split_file=edited, val_fold=1, test_fold=3, decode_check=1)
+    low, high = sorted((old, new))
+    assert f"(e.g. 13412 in folds {low} and {high})" in str(raised.value)

@@ -91,10 +91,10 @@ def read_split_file(
         opener = fs.open(split_file, "rb") if fs is not None else fsspec.open(str(split_file), "rb")
         with opener as handle:
             data = handle.read()
-        # the recorded options stay strings (a value "01" must not come back as 1)
-        header = pd.read_csv(io.BytesIO(data), nrows=0).columns if data.strip() else []
-        dtype = {"image_path": str, **{c: str for c in header if _is_record(c)}}
-        table = pd.read_csv(io.BytesIO(data), dtype=dtype, keep_default_na=False, na_values=[""])
+        # every cell stays a string: a recorded option "01" must not come back as 1, nor a
+        # patient 13412 as 13412.0 in a column with an empty cell; label and fold are
+        # checked and converted by check_table
+        table = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_values=[""])
     except FileNotFoundError as exc:
         raise UsageError(f"{what} {split_file!r} does not exist; {missing}") from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
