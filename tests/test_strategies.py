@@ -283,3 +283,27 @@ def test_docs_llrd_plugin_labels_the_last_blocks_with_decayed_rates():
         check_compatible(strategy, tiny_model("test_convnext"))
     with pytest.raises(UsageError, match="only 6 blocks"):
         check_compatible(build_strategy("llrd", {"blocks": "7"}, registry=registry), model)
+
+
+@pytest.mark.parametrize(("name", "adapter", "trains_norms"), [("linear", "none", False), ("full", "none", True),
+                                                                 ("frt", "cdtm", False)])
+def test_batchnorms_in_train_mode_are_those_a_stage_trains(name, adapter, trains_norms):
+    """--accumulate's log line warns when BatchNorm layers normalise each micro-batch alone."""
+    from types import SimpleNamespace
+
+    from cdft_core.training.records import describe_effective_batch
+
+    model = tiny_model("test_resnet", adapter)
+    apply_stage(model, _strategy(name).stages[0])
+    norms = model.training_batchnorms()
+    model.train()
+    in_train_mode = sorted(n for n, m in model.named_modules()
+                           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training)
+    assert sorted(norms) == in_train_mode and bool(norms) is trains_norms
+    run = SimpleNamespace(model=model, dist=SimpleNamespace(world_size=1), data=SimpleNamespace(train=[0] * 40),
+                          config=SimpleNamespace(batch_size=4, accumulate=2))
+    text = describe_effective_batch(run)
+    assert text.startswith("8 (4 x 2 accumulated x 1 process)")
+    assert ("BatchNorm layers in train mode normalise each micro-batch of 4 on its own" in text) is trains_norms
+    run.config.accumulate = 1
+    assert "BatchNorm" not in describe_effective_batch(run)

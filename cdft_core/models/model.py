@@ -117,6 +117,17 @@ class CdftModel(nn.Module):
                 self.backbone.eval()
         return self
 
+    def training_batchnorms(self) -> list[str]:
+        """The BatchNorm layers that ``train()`` leaves in train mode (not frozen).
+
+        Why: each of them normalises a batch with that batch's own statistics, so
+        ``--accumulate`` micro-batches cannot take the step of one larger batch.
+        """
+        frozen = (*self._frozen_modules, *(("backbone",) if self._backbone_frozen else ()))
+        return [name for name, module in self.named_modules()
+                if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and not any(name == f or name.startswith(f + ".") for f in frozen)]
+
     def features(self, x: Tensor) -> Tensor:
         """What the head sees (B×adapter.out_dim): one backbone pass, then the adapter."""
         if self._backbone_frozen:

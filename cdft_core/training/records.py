@@ -281,4 +281,9 @@ def describe_effective_batch(run: Run) -> str:
     per_process = -(-len(run.data.train) // world)
     if config.batch_size * config.accumulate > per_process:
         text += f", at most {per_process * world} here: an epoch has {len(run.data.train)} training images"
+    norms = run.model.training_batchnorms() if config.accumulate > 1 else []
+    if norms:
+        text += (f"; {len(norms)} BatchNorm layer{'s' if len(norms) > 1 else ''} in train mode normalise each "
+                 f"micro-batch of {config.batch_size} on its own, so this is not quite the step of one batch of "
+                 f"{config.batch_size * config.accumulate}")
     return text

@@ -5,7 +5,9 @@ Each micro-batch's mean loss is weighted by its share of the step's images, so t
 minimises exactly the mean loss over all of its images: batch 4 × accumulate 2 takes the
 step batch 8 takes (up to float rounding), and a short last step is still the mean over the
 images it has. With one micro-batch the share is exactly 1 and the step is the plain one,
-bit for bit.
+bit for bit. BatchNorm layers in train mode are the exception: each micro-batch is
+normalised by its own statistics (the stage's log line says so, see
+:meth:`~cdft_core.models.model.CdftModel.training_batchnorms`).
 
 With ``--class-weights`` an image's loss is its cross-entropy times its class's weight, and
 the step takes the plain mean of those over its images (:func:`image_loss`) — not
