@@ -67,3 +67,23 @@ def test_cdft_list_backbones_shows_the_rows():
                          timeout=120, check=True).stdout
     for name in EXPECTED:
         assert name in out
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_preflight_measures_the_rows_on_the_meta_device(name):
+    """The pre-run checks build every backbone under torch.device("meta"): a row must not
+    override that with the CPU (UNI then took ~2 GB and 25 s, and its cost went unmeasured)."""
+    from cdft_core.training.preflight import _build_meta, input_cost
+
+    assert all(p.is_meta for p in _build_meta(name, 224).parameters())
+    cost = input_cost(name, 224)
+    assert cost is not None and (cost.tokens, cost.width) == (EXPECTED[name][3], EXPECTED[name][0])
+
+
+def test_an_image_size_below_a_row_s_patch_names_a_size_that_works():
+    from cdft_core.errors import UsageError
+    from cdft_core.training.preflight import input_cost
+
+    with pytest.raises(UsageError, match=r"^--image-size 8 is smaller than one patch of backbone 'uni' "
+                                         r"\(patch 16 px\); use --image-size 16 or more$"):
+        input_cost("uni", 8)

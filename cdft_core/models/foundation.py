@@ -11,6 +11,7 @@ docs/models.md#pathology-foundation-models for the cards and their licences.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import timm
@@ -70,7 +71,8 @@ def build_foundation_backbone(
     row = foundation_model(name)
     source = weight_source(name, pretrained=pretrained, weights=weights, locate=lambda: (
         resolve_hub_file(name, row.hub, hub_filenames(None), gated=row.gated), f"hub:{row.hub}"))
-    with torch.device(device or "cpu"):
+    # no device named: the caller's (preflight builds every backbone under torch.device("meta"))
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         model = timm.create_model(row.architecture, pretrained=False, **create_kwargs(name, image_size))
     size = int(image_size or row.kwargs.get("img_size", 224))
     backbone = FoundationBackbone(
