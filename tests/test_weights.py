@@ -290,3 +290,89 @@ def test_a_failing_download_is_one_clear_line(offline_empty_cache, monkeypatch):
     with pytest.raises(CdftError, match="download failed: connection reset while fetching.*--weights") as info:
         build("test_vit", pretrained=True)
     assert "\n" not in str(info.value)
+
+
+# -- files from other layouts: register tokens, LoRA runs, misnamed safetensors ------------
+
+
+@pytest.mark.parametrize("direction", ["file has registers", "model has registers"])
+def test_register_tokens_on_one_side_are_named_even_when_timm_s_converter_fails(tmp_path, direction):
+    """timm's checkpoint_filter_fn fails resampling pos_embed first; the hint must still say reg_tokens."""
+    import timm
+
+    from cdft_core.models.backbone import load_backbone_weights
+
+    torch.manual_seed(0)
+    with_registers = timm.create_model("test_vit", reg_tokens=4, pretrained=False)
+    plain = timm.create_model("test_vit", pretrained=False)
+    file_model, target = (with_registers, plain) if direction == "file has registers" else (plain, with_registers)
+    with pytest.raises(CdftError) as info:
+        load_backbone_weights(target, file_model.state_dict(), name="test_vit", source="file x")
+    message = str(info.value)
+    assert "\n" not in message and "reg_tokens (register tokens, e.g. reg_tokens=4)" in message
+    assert "another architecture" not in message
+
+
+def _lora_checkpoint(tmp_path, metadata: dict[str, str] | None):
+    """A LoRA-injected test_vit CdftModel with non-zero adapters, saved as a cdft checkpoint would be."""
+    from cdft_core.models.lora import inject_lora
+    from cdft_core.models.model import build_model
+
+    torch.manual_seed(3)
+    model = build_model("test_vit", "none", 2, pretrained=False, image_size=32)
+    inject_lora(model, rank=4, alpha=12.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    path = tmp_path / "lora-best.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    return model, path
+
+
+def test_a_lora_run_s_checkpoint_loads_as_the_merged_backbone(tmp_path):
+    import json
+
+    from cdft_core.models.lora import merge_lora
+
+    spec = {"strategy": {"name": "lora", "options": {"rank": 4, "alpha": 12.0}}}
+    lora_model, path = _lora_checkpoint(tmp_path, {"cdft_spec": json.dumps(spec)})
+    state = read_state_dict(path)
+    assert not any("lora_" in k or "base_layer" in k for k in state)
+    loaded = build("test_vit", weights=str(path), image_size=32)
+    merge_lora(lora_model.backbone.model)
+    lora_model.eval(), loaded.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = lora_model.backbone.tokens(x), loaded.tokens(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    delta = (state["backbone.model.blocks.0.attn.qkv.weight"]
+             - lora_model.state_dict()["backbone.model.blocks.0.attn.qkv.weight"]).abs().max()
+    assert delta < 1e-6  # merge_lora's fold and ours agree
+
+
+def test_lora_tensors_without_a_recorded_alpha_are_refused_in_one_line(tmp_path):
+    _, path = _lora_checkpoint(tmp_path, None)
+    with pytest.raises(UsageError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert "\n" not in message and "holds LoRA adapters (lora_A/lora_B) but not their alpha" in message
+    assert "merge_and_unload" in message
+
+
+def test_a_safetensors_file_is_recognised_whatever_its_name(tmp_path):
+    state = reference_state()
+    path = tmp_path / "weights.bin"
+    save_file(state, str(path))
+    model = build("test_vit", weights=str(path))
+    assert_same_tensors(model.model, state)
+
+
+def test_the_offline_message_names_the_switch_that_is_set(offline_empty_cache, monkeypatch):
+    from cdft_core.models.model import build_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(CdftError) as info:
+        build_model("vit_base_patch16_clip_224.laion2b", "none", 2)
+    assert "TRANSFORMERS_OFFLINE is set" in str(info.value) and "HF_HUB_OFFLINE" not in str(info.value)

@@ -40,8 +40,10 @@ from cdft_core.models.hub_config import hub_config, is_hub_name
 from cdft_core.models.weights import (
     LoadReport,
     WeightSource,
+    creation_hint,
     hub_offline,
     load_state_dict_checked,
+    offline_reason,
     resolve_hub_file,
     strip_prefix,
     weight_source,
@@ -338,7 +340,7 @@ def _download_url(name: str, url: str) -> str:
         return cache
     if hub_offline():
         raise CdftError(
-            f"no pretrained weights for backbone {name!r} in the torch hub cache {cache} (HF_HUB_OFFLINE is set); "
+            f"no pretrained weights for backbone {name!r} in the torch hub cache {cache} ({offline_reason()}); "
             f"pass --weights PATH or use --no-pretrained"
         )
     try:
@@ -373,9 +375,11 @@ def load_backbone_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *,
         try:
             sd = converter(dict(sd), model)
         except Exception as exc:
+            # keys on one side only name the creation argument that differs (reg_tokens...)
+            odd = [k for k in sd if k not in own] + [k for k in own if k not in sd]
+            hint = creation_hint(odd) if odd else "the file is for another architecture — pick the matching backbone name"
             raise CdftError(
-                f"weights {source} do not fit backbone {name!r} ({type(exc).__name__}: {one_line(exc)}); "
-                f"the file is for another architecture — pick the matching backbone name"
+                f"weights {source} do not fit backbone {name!r} ({type(exc).__name__}: {one_line(exc)}); {hint}"
             ) from exc
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
     heads = tuple(c + "." for c in ([classifier] if isinstance(classifier, str) else classifier))

@@ -33,7 +33,15 @@ from typing import Any
 
 from cdft_core.errors import UsageError
 from cdft_core.models.foundation_table import FOUNDATION_MODELS
-from cdft_core.models.weights import gated_note, hf_cache_dir, http_status, hub_endpoint, hub_offline, hub_reachable
+from cdft_core.models.weights import (
+    gated_note,
+    hf_cache_dir,
+    http_status,
+    hub_endpoint,
+    hub_offline,
+    hub_reachable,
+    offline_reason,
+)
 from cdft_core.text import one_line
 
 HUB_PREFIX = "hf-hub:"
@@ -84,7 +92,7 @@ class HubConfig:
             if isinstance(cached, str) and os.path.isfile(cached):
                 return f"cache: {cached}"
         if hub_offline():
-            return (f"not in the cache, and HF_HUB_OFFLINE is set: {download_hint(self.repo_id, self.revision)}, "
+            return (f"not in the cache, and {offline_reason()}: {download_hint(self.repo_id, self.revision)}, "
                     f"or pass --weights FILE")
         return f"hub: {self.repo_id} (downloaded into the cache at {hf_cache_dir()} when first built)"
 
@@ -183,7 +191,7 @@ def _locate_config(name: str, repo_id: str, revision: str | None, gated: bool) -
 
     cache = hf_cache_dir()
     if hub_offline():
-        reason = "HF_HUB_OFFLINE is set"
+        reason = offline_reason()
     elif not hub_reachable():
         reason = f"the hub {hub_endpoint()} is unreachable"
     else:

@@ -134,3 +134,45 @@ def merge_lora(module: nn.Module) -> int:
             merged += 1
         merged += merge_lora(child)  # attention wrappers hold their adapted out_proj inside
     return merged
+
+
+_LORA_TENSOR = re.compile(rf"^(?P<layer>.+)\.lora_(?P<part>A|B)\.{ADAPTER_NAME}\.weight$")
+
+
+def merge_lora_tensors(state_dict: dict[str, Any], alpha: float | None, source: str) -> dict[str, Any]:
+    """A LoRA run's state dict with each adapter folded into its base layer (``W + α/r·B·A``).
+
+    Why: a LoRA checkpoint given as ``--weights`` should start a run (or load a backbone)
+    from the fine-tuned weights, under the plain model's tensor names. ``alpha`` comes from
+    the checkpoint's recorded strategy options; without it (a file not written by cdft)
+    the scale is unknown and the file is refused, as is a layer whose LoRA is not a plain
+    Linear or 1×1 convolution adapter (open_clip's attention). Returns ``state_dict``
+    itself when it holds no LoRA tensor.
+    """
+    if not any(is_lora_parameter("." + key) for key in state_dict):
+        return state_dict
+    fix = "merge the adapters into the base weights (peft's merge_and_unload) and save a plain state dict"
+    if alpha is None:
+        raise UsageError(f"weights file {source!r} holds LoRA adapters (lora_A/lora_B) but not their alpha; {fix}")
+    merged = {k: v for k, v in state_dict.items() if not is_lora_parameter("." + k)}
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        match = _LORA_TENSOR.match(key)
+        if match is None and is_lora_parameter("." + key):
+            raise UsageError(f"weights file {source!r} holds a LoRA tensor cdft cannot merge ({key}); {fix}")
+        if match is not None:
+            parts.setdefault(match["layer"], {})[match["part"]] = value
+    for layer, pair in parts.items():
+        base = merged.pop(f"{layer}.base_layer.weight", None)
+        if base is None or set(pair) != {"A", "B"} or base.dim() not in (2, 4):
+            raise UsageError(f"weights file {source!r} holds a LoRA layer cdft cannot merge ({layer}); {fix}")
+        down, up = pair["A"].flatten(1).float(), pair["B"].flatten(1).float()
+        delta = (up @ down) * (float(alpha) / down.shape[0])
+        merged[f"{layer}.weight"] = (base.float() + delta.reshape(base.shape)).to(base.dtype)
+        bias = merged.pop(f"{layer}.base_layer.bias", None)
+        if bias is not None:
+            merged[f"{layer}.bias"] = bias
+    leftover = [k for k in merged if ".base_layer." in k]
+    if leftover:
+        raise UsageError(f"weights file {source!r} holds a LoRA layer cdft cannot merge ({leftover[0]}); {fix}")
+    return merged

@@ -57,6 +57,12 @@ def hub_offline() -> bool:
     return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
 
 
+def offline_reason() -> str:
+    """Which offline switch is on, for error lines (``HF_HUB_OFFLINE is set``)."""
+    names = [n for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _truthy(os.environ.get(n))]
+    return f"{' and '.join(names) or 'HF_HUB_OFFLINE'} is set"
+
+
 def hf_cache_dir() -> str:
     """The Hugging Face hub cache directory, from the environment as it is now."""
     explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
@@ -141,7 +147,7 @@ def resolve_hub_file(model: str, repo: str, filenames: Iterable[str], *, gated: 
         if isinstance(cached, str) and os.path.isfile(cached):
             return cached
     if hub_offline():
-        raise CdftError(missing_weights_message(model, repo_id, "HF_HUB_OFFLINE is set", gated=gated,
+        raise CdftError(missing_weights_message(model, repo_id, offline_reason(), gated=gated,
                                                 revision=revision))
     if not hub_reachable():
         raise CdftError(missing_weights_message(model, repo_id, f"the hub {hub_endpoint()} is unreachable", gated=gated,
@@ -221,18 +227,24 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Tensors of a weights file: safetensors, or a torch file read with ``weights_only=True``.
 
     A training checkpoint that wraps the weights (``{"state_dict": ...}``, ``{"model": ...}``)
-    is unwrapped. Anything else is a one-line error naming the file.
+    is unwrapped; a cdft LoRA run's checkpoint has its adapters merged into their base
+    layers with the alpha it records (:func:`~cdft_core.models.lora.merge_lora_tensors`), so
+    it loads as the plain model. A safetensors file is recognised by its content, whatever
+    its name. Anything else is a one-line error naming the file.
     """
     import torch
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise UsageError(f"weights file {str(p)!r} does not exist; pass --weights PATH to an existing file")
+    metadata: Mapping[str, str] = {}
     try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        if p.suffix == ".safetensors" or _looks_like_safetensors(p):  # the content decides, not the name
+            from safetensors import safe_open
 
-            data: Any = load_file(str(p), device="cpu")
+            with safe_open(str(p), framework="pt", device="cpu") as handle:
+                metadata = handle.metadata() or {}
+                data: Any = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         else:
             with warnings.catch_warnings():  # torch's "Detected pickle protocol 4" would add 2 lines
                 warnings.simplefilter("ignore")
@@ -251,7 +263,29 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
                 data = inner
     if not isinstance(data, Mapping) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CdftError(f"weights file {str(p)!r} does not hold a state dict (a mapping of names to tensors)")
-    return dict(data)
+    from cdft_core.models.lora import merge_lora_tensors
+
+    return merge_lora_tensors(dict(data), _recorded_lora_alpha(metadata), str(p))
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors' layout: an 8-byte little-endian header length, then the JSON header."""
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
+def _recorded_lora_alpha(metadata: Mapping[str, str]) -> float | None:
+    """The LoRA alpha a cdft checkpoint's spec records (its strategy's options), if any."""
+    import json
+
+    try:
+        options = json.loads(metadata.get("cdft_spec", "{}")).get("strategy", {}).get("options", {})
+        return float(options["alpha"]) if "alpha" in options else None
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def _unpickling_message(path: str, exc: Exception) -> str:
