@@ -404,13 +404,28 @@ def absolute_paths(config: RunConfig) -> RunConfig:
 
 
 def resolve_device(requested: str) -> str:
-    """``auto`` -> cuda when available; asking for cuda without one is a usage error."""
+    """``auto`` -> cuda when available; ``cpu``, ``cuda`` and ``cuda:N`` as asked.
+
+    Anything else, or a CUDA device this machine does not have, is a usage error here:
+    torch's own errors ("Expected one of cpu, cuda, ipu, xpu...", "Found no NVIDIA
+    driver") name neither the option nor the fix.
+    """
+    import re
+
     import torch
 
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if requested == "cpu":
+        return requested
+    index = re.fullmatch(r"cuda(?::(\d+))?", requested)
+    if index is None:
+        raise UsageError(f"--device {requested!r} is not one of auto, cpu, cuda, cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UsageError(f"--device {requested} was asked for but no CUDA device is available; use --device cpu")
+    if index[1] is not None and int(index[1]) >= count:
+        raise UsageError(f"--device {requested}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return requested
 
 

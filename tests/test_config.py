@@ -125,3 +125,34 @@ def test_preset_plus_overrides_from_the_cli(tmp_path_factory, tmp_path):
     assert code == 0, err
     saved = load_yaml(str(tmp_path / "run" / "config.yaml"))
     assert (saved["strategy"], saved["epochs"], saved["lr"], saved["batch_size"]) == ("linear", 1, 0.01, 6)
+
+
+@pytest.mark.parametrize(("requested", "message"), [
+    ("gpu", "--device 'gpu' is not one of auto, cpu, cuda, cuda:N"),
+    ("cuda:x", "--device 'cuda:x' is not one of auto, cpu, cuda, cuda:N"),
+    ("cuda:0", "--device cuda:0 was asked for but no CUDA device is available; use --device cpu"),
+    ("cuda", "--device cuda was asked for but no CUDA device is available; use --device cpu"),
+])
+def test_devices_torch_cannot_use_here_are_usage_errors(requested, message, monkeypatch):
+    """predict/embed/explain pass --device straight here: torch's own errors named no fix."""
+    import torch
+
+    from cdft_core.config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError) as info:
+        resolve_device(requested)
+    assert str(info.value) == message
+    assert resolve_device("cpu") == "cpu" and resolve_device("auto") == "cpu"
+
+
+def test_a_cuda_index_past_the_machine_s_devices_is_refused(monkeypatch):
+    import torch
+
+    from cdft_core.config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cuda") == "cuda"
+    with pytest.raises(UsageError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1$"):
+        resolve_device("cuda:2")
