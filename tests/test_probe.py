@@ -114,6 +114,32 @@ def test_probe_writes_a_run_that_cdft_eval_reproduces(tmp_path_factory, tmp_path
     assert read_json(alone / "summary.json")["best_epoch"] == summary["best_epoch"]
 
 
+@pytest.mark.slow
+def test_a_probe_s_config_repeats_its_chosen_head_with_cdft_run(tmp_path_factory, tmp_path):
+    """Its config.yaml records `augment: none` (the plain features it trained on), not the
+    default `paper`: `cdft run --config` then trains what the probe trained, and reports
+    group it with linear runs trained without augmentation."""
+    import yaml
+
+    root, split = engine_data(tmp_path_factory)
+    probe_dir, repeat = tmp_path / "probe", tmp_path / "repeat"
+    code, _, err = invoke(*_probe_args(root, split, "--lrs", "1e-3,1e-2", "--weight-decays", "0",
+                                       "--output", str(probe_dir)))
+    assert code == 0, err
+    summary = read_json(probe_dir / "summary.json")
+    probe = summary["probe"]
+    assert [h["head"] for h in probe["heads"]] == [1, 2]
+    chosen = next(h for h in probe["heads"] if h["head"] == probe["chosen"])
+    config = yaml.safe_load((probe_dir / "config.yaml").read_text())
+    assert config["augment"] == "none" and config["lr"] == chosen["lr"] and config["strategy"] == "linear"
+    code, _, err = invoke("run", "--config", str(probe_dir / "config.yaml"), "--output", str(repeat))
+    assert code == 0, err
+    again = read_json(repeat / "summary.json")
+    for name in ("val", "test"):
+        assert again[name]["accuracy"] == summary[name]["accuracy"], name
+        assert again[name]["loss"] == pytest.approx(summary[name]["loss"], abs=1e-5), name
+
+
 def test_probe_on_augmented_views_and_bad_grids(tmp_path_factory, tmp_path):
     root, split = engine_data(tmp_path_factory)
     code, _, err = invoke(*_probe_args(root, split, "--lrs", "1e-2", "--train-views", "2", "--output",
@@ -121,6 +147,7 @@ def test_probe_on_augmented_views_and_bad_grids(tmp_path_factory, tmp_path):
     assert code == 0, err
     assert "train, 24 images x 2 augmented views" in err
     assert read_json(tmp_path / "views" / "summary.json")["train_views"] == 2
+    assert "augment: paper" in (tmp_path / "views" / "config.yaml").read_text()  # trained on augmented views
     for option, value, message in (("--lrs", "0", "--lrs must be positive"), ("--lrs", "a,b", "comma-separated"),
                                    ("--weight-decays", "-1", "must not be negative"), ("--lrs", ",", "at least one"),
                                    ("--weight-decays", "nan", "--weight-decays must be finite numbers, got nan"),

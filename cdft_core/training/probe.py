@@ -200,7 +200,7 @@ def run_probe(config: RunConfig, lrs: Sequence[float], weight_decays: Sequence[f
     table = []
     for h, weights in enumerate(unstack(result.params)):
         model.head.load_state_dict(weights)
-        row = {"lr": heads[h][0], "weight_decay": heads[h][1], "best_epoch": result.best_epoch[h]}
+        row = {"head": h + 1, "lr": heads[h][0], "weight_decay": heads[h][1], "best_epoch": result.best_epoch[h]}
         for name in ("val", "test"):
             row[name] = evaluate(model, evaluation[name], splits.classes, dist, batch, workers, precision,
                                  description=f"head {h + 1} {name}", loader=stored[name], groups=splits.groups(name))
@@ -236,7 +236,10 @@ def _write(rundir: Any, config: RunConfig, model: Any, splits: Any, probe: dict[
     table, choice = probe["heads"], probe["chosen"] - 1
     heads = [(row["lr"], row["weight_decay"]) for row in table]
     lr, weight_decay = heads[choice]
-    config = dataclasses.replace(config, lr=lr, weight_decay=weight_decay)
+    # what the head was trained on: without --train-views the plain features, i.e. `--augment
+    # none`, so `cdft run --config RUN/config.yaml` repeats it and reports group it rightly
+    augment = config.augment if config.train_views else "none"
+    config = dataclasses.replace(config, lr=lr, weight_decay=weight_decay, augment=augment)
     chosen = table[choice]
     rundir.write_text("config.yaml", dump_yaml(config))
     plugins = run_plugins(config, model.spec)
