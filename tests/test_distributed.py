@@ -61,7 +61,7 @@ def test_two_processes_match_one_process_evaluation(tmp_path_factory):
             single = json.loads(out)["metrics"]
             assert single["n"] == 9
             assert comparable(single) == comparable(stage[split_name])
-            assert single["loss"] == pytest.approx(stage[split_name]["loss"], rel=1e-5)
+            assert single["loss"] == stage[split_name]["loss"]  # the run's batch layout: bit for bit
 
 
 def test_two_process_predictions_match_one_process(tmp_path_factory):

@@ -86,7 +86,8 @@ def test_two_process_batchnorm_run_matches_eval_of_its_checkpoint(tmp_path_facto
         assert code == 0, err
         single = json.loads(out)["metrics"]
         assert comparable(single) == comparable(summary[split_name])
-        assert single["loss"] == pytest.approx(summary[split_name]["loss"], rel=1e-5)
+        # cdft eval lays its batches out as the run's 2 processes did: the same logits, bit for bit
+        assert single["loss"] == summary[split_name]["loss"]
 
 
 def test_sync_batchnorm_needs_cuda(tmp_path_factory):

@@ -96,7 +96,9 @@ def save_best(run: Run, index: int, weights: Mapping[str, torch.Tensor] | None =
     directory = stage_dir(run, index)
     save_model(run.rundir, f"{directory}/best.safetensors", weights, {
         "cdft_spec": run.model.spec, "cdft_config": run.config.to_dict(), "cdft_classes": run.splits.classes,
-        "cdft_plugins": run_plugins(run.config, run.model.spec), "cdft_stage": stages[index].name, "cdft_stage_index": index + 1, "cdft_epoch": progress.best_epoch,
+        "cdft_plugins": run_plugins(run.config, run.model.spec), "cdft_stage": stages[index].name,
+        "cdft_stage_index": index + 1, "cdft_epoch": progress.best_epoch,
+        "cdft_world_size": run.dist.world_size,  # cdft eval lays its batches out as these processes did
     })
     _write_best_json(run, index)
 
