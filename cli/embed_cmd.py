@@ -36,24 +36,29 @@ def embed_command(target: str | None, inputs: tuple[str, ...], backbone: str | N
     from cdft_core.config import check_num_workers, resolve_device
     from cdft_core.errors import UsageError
     from cdft_core.files import atomic_write
-    from cdft_core.inference.embed import backbone_model, embed_images, embedding_bytes
+    from cdft_core.inference.embed import backbone_model, check_embed_output, embed_images, embedding_bytes
     from cdft_core.inference.inputs import check_output, collect_inputs
     from cdft_core.inference.model_loading import inference_precision
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     workers = check_num_workers(num_workers)
-    if weights and backbone is None:
-        raise UsageError("--weights applies to --backbone NAME; a run's checkpoint holds its own weights: drop --weights")
+    if backbone is None:  # a run's checkpoint fixes its weights and input size: these would be ignored
+        for name, given, what in (("--weights", weights, "weights"), ("--no-pretrained", no_pretrained, "weights"),
+                                  ("--image-size", image_size is not None, "input size")):
+            if given:
+                raise UsageError(f"{name} applies to --backbone NAME; a run's checkpoint holds its own {what}: "
+                                 f"drop {name}")
     if weights and no_pretrained:
         raise UsageError("--no-pretrained and --weights contradict each other; drop one")
     if backbone is None and not target:
         raise UsageError("give RUN_DIR|CHECKPOINT, or --backbone NAME")
     # every usage check before any weights are looked for or model loaded: a typo costs no download
     check_output(output, "embeddings file")
+    check_embed_output(output)
     if backbone is not None:
         inputs = ((target,) if target else ()) + inputs  # no RUN_DIR: the first argument is an INPUT
-    images = collect_inputs(inputs)
+    images = collect_inputs(inputs, keep_repeats=True)
     if backbone is not None:
         torch_device = resolve_device(device)
         model = backbone_model(backbone, pretrained=not no_pretrained, weights=weights,
@@ -73,7 +78,8 @@ def embed_command(target: str | None, inputs: tuple[str, ...], backbone: str | N
         atomic_write(output, embedding_bytes(result, output), what="embeddings file")
     for path, reason in result.errors.items():
         click.echo(f"cannot read {path}: {reason}", err=True)
-    where = output if result.paths else "above; nothing written"
-    click.echo(f"{len(images)} images, {len(result.errors)} could not be read (listed in {where})")
+    where = output if result.paths else "the lines above; nothing written"
+    failed = len(images) - len(result.paths)  # input rows without features (a repeated bad image counts per row)
+    click.echo(f"{len(images)} images, {failed} could not be read (listed in {where})")
     if not result.paths:
         click.get_current_context().exit(1)

@@ -30,13 +30,14 @@ def predict_command(target: str, inputs: tuple[str, ...], output: str | None, as
     """Predict INPUT images with the best checkpoint of RUN_DIR (or CHECKPOINT).
 
     INPUT: image files, folders (recursive), glob patterns, CSVs with an image_path
-    column, or fsspec URLs. Unreadable images are listed with an error; the exit code is
-    1 when no image at all could be predicted.
+    column, or fsspec URLs. One output row per input row, in order (an image given twice is
+    two rows). Unreadable images are listed with an error; the exit code is 1 when no image
+    at all could be predicted. The second example groups BreakHis images by patient.
 
     \b
     Examples:
       cdft predict runs/x slides/ -o predictions.csv
-      cdft predict runs/x list.csv -o p.csv --group-by 'SOB_[BM]_[A-Z]+-\\d+-(\\w+)-'
+      cdft predict runs/x list.csv -o p.csv --group-by 'SOB_[BM]_[A-Z]+-\\d+-(\\d+)'
       cdft predict runs/x 'tiles/**/*.png' --json --tta flip > p.json
     """
     from cdft_core.config import check_num_workers
@@ -55,7 +56,7 @@ def predict_command(target: str, inputs: tuple[str, ...], output: str | None, as
         check_output(output, "predictions file")
         if group_by and not as_json:
             check_output(groups_path(output), "groups file")
-    images = collect_inputs(inputs)
+    images = collect_inputs(inputs, keep_repeats=True)
     model, classes, data_config, metadata = load_trained(target, device)
     table = predict_images(model, classes, data_config, images, metadata=metadata, batch_size=batch_size,
                            num_workers=workers, tta=tta, group_by=group_by)

@@ -9,6 +9,7 @@ import tempfile
 
 import numpy as np
 import pytest
+import torch
 from helpers_engine import engine_data, invoke, quick_args, staged_run
 from PIL import Image
 
@@ -146,3 +147,18 @@ def test_an_output_that_cannot_hold_overlays_is_refused_before_the_model_loads(r
                                             f"{str(locked)!r} does not allow writing (Permission denied); "
                                             f"choose another folder (-o DIR)")
     assert list(locked.iterdir()) == []
+
+
+def test_a_one_cell_feature_map_is_refused_not_drawn_flat():
+    """test_convnext at 32 px ends in a 1x1 map: every overlay would be one flat colour."""
+    from cdft_core.errors import UsageError
+    from cdft_core.inference.explain import grad_cam
+    from cdft_core.models.model import build_model
+
+    picture = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    small = build_model("test_convnext", "none", 3, pretrained=False, image_size=32).eval()
+    with pytest.raises(UsageError, match=r"last feature map is 1x1 at its 32 px input; explain a model trained on larger"):
+        grad_cam(small, [picture], small.data_config, None)
+    larger = build_model("test_convnext", "none", 3, pretrained=False, image_size=64).eval()
+    maps, _ = grad_cam(larger, [picture], larger.data_config, None)
+    assert maps[0].shape == (40, 50)

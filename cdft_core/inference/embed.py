@@ -6,9 +6,10 @@ From a trained run the features are what its head sees (the adapter's output,
 own eval transform, as everywhere else.
 
 File format (``.safetensors``, the default): one tensor ``features`` (N×D float32), row
-*i* being the *i*-th readable image, and the metadata key ``cdft_embed``: JSON with
-``paths`` (N paths, in row order), ``errors`` (``{path: reason}`` of the images that could
-not be read, which have no row), ``feature`` (``adapter`` or ``pooled``), ``source``
+*i* being the *i*-th readable input (an image given twice has two equal rows; it is read
+and run once), and the metadata key ``cdft_embed``: JSON with ``paths`` (N paths, in row
+order), ``errors`` (``{path: reason}`` of the images that could not be read, which have
+no row), ``feature`` (``adapter`` or ``pooled``), ``source``
 (checkpoint or backbone name) and ``data_config``. The frozen-feature cache
 (:mod:`cdft_core.training.feature_store`) keeps per-split ``.npy`` parts keyed by a hash
 of its inputs, for reuse inside runs; an embedding file is a self-describing
@@ -26,7 +27,11 @@ from typing import Any
 import torch
 
 from cdft_core.errors import UsageError
-from cdft_core.inference.inputs import InputImage
+from cdft_core.inference.inputs import InputImage, distinct_images
+from cdft_core.text import one_line
+
+#: ``-o`` endings ``cdft embed`` writes (anything else would be safetensors under a misleading name)
+OUTPUT_SUFFIXES = (".safetensors", ".parquet")
 
 
 @dataclass
@@ -62,13 +67,22 @@ def embed_images(model: torch.nn.Module, images: Sequence[InputImage], *, featur
     def features(x: torch.Tensor) -> torch.Tensor:
         return model.features(x) if feature == "adapter" else model.backbone.features(x)[1]
 
-    outputs, failed = map_images(images, model.data_config, features, device=device, batch_size=batch_size,
+    distinct, slot = distinct_images(images)
+    outputs, failed = map_images(distinct, model.data_config, features, device=device, batch_size=batch_size,
                                  num_workers=num_workers, precision=precision, description="embedding")
-    order = sorted(outputs)
-    stacked = torch.stack([outputs[i] for i in order]) if order else torch.zeros(0, 0)
-    return Embeddings([images[i].path for i in order], stacked.contiguous(),
-                      {images[i].path: reason for i, reason in sorted(failed.items())}, feature, source,
+    order = [(i, k) for i, k in enumerate(slot) if k in outputs]  # input rows in order, repeats kept
+    stacked = torch.stack([outputs[k] for _, k in order]) if order else torch.zeros(0, 0)
+    return Embeddings([images[i].path for i, _ in order], stacked.contiguous(),
+                      {distinct[k].path: reason for k, reason in sorted(failed.items())}, feature, source,
                       dict(model.data_config))
+
+
+def check_embed_output(output: str) -> None:
+    """A usage error before any work when ``-o`` ends in neither .safetensors nor .parquet:
+    ``features.npy`` would otherwise hold safetensors bytes that numpy cannot read."""
+    if not output.lower().endswith(OUTPUT_SUFFIXES):
+        raise UsageError(f"-o {one_line(output, 120)!r} must end in .safetensors or .parquet (the formats cdft embed writes); "
+                         f"rename it")
 
 
 def embedding_bytes(embeddings: Embeddings, output: str) -> bytes:

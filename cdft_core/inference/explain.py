@@ -188,10 +188,21 @@ def grad_cam(model: nn.Module, pictures: Sequence[Tensor], data_config: dict[str
     transform = eval_transform(data_config)
     device = next(model.parameters()).device
     batch = torch.stack([transform(p) for p in pictures]).to(device)
-    with torch.no_grad():
-        probabilities = torch.softmax(model(batch).float(), dim=1).cpu().numpy()
-    indices = [wanted if wanted is not None else int(np.argmax(p)) for p in probabilities]
     layer, reshape = cam_layer(model)
+    grids: list[tuple[int, ...]] = []
+    hook = layer.register_forward_hook(
+        lambda _m, _i, out: grids.append(tuple((reshape(out) if reshape else out).shape[-2:])))
+    try:
+        with torch.no_grad():
+            probabilities = torch.softmax(model(batch).float(), dim=1).cpu().numpy()
+    finally:
+        hook.remove()
+    if grids and math.prod(grids[0]) == 1:  # one cell: every heatmap would be one flat colour
+        raise UsageError(
+            f"Grad-CAM has nothing to show for this model: its backbone's last feature map is 1x1 at its "
+            f"{int(batch.shape[-1])} px input; explain a model trained on larger images"
+        )
+    indices = [wanted if wanted is not None else int(np.argmax(p)) for p in probabilities]
     with torch.enable_grad(), GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
         maps = cam(input_tensor=batch, targets=[ClassifierOutputTarget(i) for i in indices])
     resized = [_resize(m, (int(p.shape[1]), int(p.shape[2]))) for m, p in zip(maps, pictures, strict=True)]

@@ -1,8 +1,13 @@
 """The images a command is asked about: files, folders, glob patterns, CSV lists and URLs.
 
-``cdft predict``/``embed`` take any mix of INPUT arguments and turn them into one ordered
-list of :class:`InputImage` (duplicates dropped, first occurrence kept), each read through
-fsspec so that local paths, ``s3://``, ``memory://`` and ``zip://`` all behave alike:
+``cdft predict``/``embed``/``explain`` take any mix of INPUT arguments and turn them into
+one ordered list of :class:`InputImage`, each read through fsspec so that local paths,
+``s3://``, ``memory://`` and ``zip://`` all behave alike. ``predict`` and ``embed`` keep every
+row the user gave, repeats included (an image in a folder and named again, or listed in two
+CSV rows with other columns): their outputs promise one row per input row, and a CSV row's
+columns (its ``--group-by`` group) belong to that row; :func:`distinct_images` lets them read
+and run a repeated image once. ``explain`` writes one overlay per image, so it drops repeats
+(first occurrence kept). The arguments:
 
 - an image file (any extension: the user named it);
 - a folder: every image under it (:data:`~cdft_core.data.root.IMAGE_EXTENSIONS`,
@@ -43,20 +48,33 @@ class InputImage:
     columns: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
-def collect_inputs(arguments: Sequence[str]) -> list[InputImage]:
-    """Every image the INPUT arguments name, in argument order, without duplicates."""
+def collect_inputs(arguments: Sequence[str], *, keep_repeats: bool = False) -> list[InputImage]:
+    """Every image the INPUT arguments name, in argument order; a repeated path only once
+    unless ``keep_repeats`` (predict, embed: one output row per input row)."""
     if not arguments:
         raise UsageError("no INPUT given; pass image files, folders, glob patterns or a CSV with an image_path column")
     seen: set[str] = set()
     images: list[InputImage] = []
     for argument in arguments:
         for image in _expand(str(argument)):
-            if image.path not in seen:
+            if keep_repeats or image.path not in seen:
                 seen.add(image.path)
                 images.append(image)
     if not images:
         raise UsageError(f"no images found in {', '.join(map(repr, arguments))}")
     return images
+
+
+def distinct_images(images: Sequence[InputImage]) -> tuple[list[InputImage], list[int]]:
+    """The distinct paths of ``images`` (first occurrence) and, per input row, the index of its
+    path among them: a repeated image is decoded and run once, and its result reused per row."""
+    first: dict[str, int] = {}
+    distinct: list[InputImage] = []
+    for image in images:
+        if image.path not in first:
+            first[image.path] = len(distinct)
+            distinct.append(image)
+    return distinct, [first[image.path] for image in images]
 
 
 def _expand(argument: str) -> Iterable[InputImage]:

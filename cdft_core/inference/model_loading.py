@@ -105,6 +105,47 @@ def incomplete_run_warning(target: str) -> str | None:
     return None
 
 
+def model_file(target: str) -> str:
+    """The checkpoint file of ``target`` (a run directory or a checkpoint), refusing at once a
+    file that is plainly not one.
+
+    ``cdft eval split.csv`` (the split file where the run goes) would otherwise fail deep in
+    safetensors ("header too large") as a runtime error; a file neither named
+    ``.safetensors`` nor shaped like one is the user's mix-up (exit 2). A damaged
+    ``.safetensors`` file keeps :func:`read_model`'s runtime error.
+    """
+    from cdft_core.training.evaluation import find_checkpoint
+
+    checkpoint = find_checkpoint(target)
+    if not checkpoint.lower().endswith(".safetensors") and not _safetensors_shaped(checkpoint):
+        raise UsageError(f"{one_line(checkpoint, 120)!r} is not a model checkpoint; pass a run directory or "
+                         f"a .safetensors checkpoint written by cdft run")
+    return checkpoint
+
+
+def _safetensors_shaped(path: str) -> bool:
+    """Whether ``path`` starts like safetensors (a u64 header size within the file, then ``{``).
+
+    Anything but a regular file counts as shaped: :func:`read_model` names devices and pipes
+    (a FIFO read here would block), and a file that cannot be opened here fails there too.
+    """
+    import fsspec
+
+    try:
+        opened = fsspec.open(path, "rb")
+        info = opened.fs.info(opened.path)
+        if info.get("type") != "file":
+            return True
+        with opened as handle:
+            head = handle.read(9)
+    except (OSError, ValueError):
+        return True
+    from cdft_core.models.weights import safetensors_start
+
+    size = info.get("size")
+    return safetensors_start(head, None if size is None else int(size))
+
+
 def load_trained(target: str, device: str = "auto") -> tuple[torch.nn.Module, list[str], dict[str, Any], dict[str, Any]]:
     """``(model, classes, data_config, metadata)`` of a RUN_DIR (its final best checkpoint) or a checkpoint.
 
@@ -113,9 +154,8 @@ def load_trained(target: str, device: str = "auto") -> tuple[torch.nn.Module, li
     ``cdft_classes``...) with ``checkpoint`` added: the file actually opened, to report.
     """
     from cdft_core.config import resolve_device
-    from cdft_core.training.evaluation import find_checkpoint
 
-    checkpoint = find_checkpoint(target)
+    checkpoint = model_file(target)
     warning = incomplete_run_warning(target)
     if warning:
         import click

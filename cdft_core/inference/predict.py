@@ -9,7 +9,8 @@ Output (CSV, or the same rows in JSON): ``path``, ``predicted`` (class name),
 ``probability`` (its probability), ``prob_<class>`` per class (the column names of
 ``predictions.csv``), ``group`` (with ``--group-by``) and ``error``: empty for a
 predicted image, else why it could not be read (its probabilities are then empty).
-Unreadable images are listed, never dropped. ``--group-by`` adds a table of groups
+Unreadable images are listed, never dropped; an image given twice is two rows (read and
+predicted once: :func:`~cdft_core.inference.inputs.distinct_images`). ``--group-by`` adds a table of groups
 (:func:`group_table`): mean probabilities over each group's readable images.
 """
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from cdft_core.errors import UsageError
-from cdft_core.inference.inputs import InputImage
+from cdft_core.inference.inputs import InputImage, distinct_images
 
 #: ``--tta`` choices -> the flips (dims of a B×C×H×W batch) whose softmax is averaged
 TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -79,13 +80,15 @@ def predict_images(model: torch.nn.Module, classes: Sequence[str], data_config: 
     precision = inference_precision(config.get("precision"), device.type)
     size = batch_size or int(config.get("eval_batch_size") or 2 * int(config.get("batch_size") or 32))
     model.eval()
-    outputs, failed = map_images(images, data_config, lambda x: tta_probabilities(model, x, tta), device=device,
+    distinct, slot = distinct_images(images)
+    outputs, failed = map_images(distinct, data_config, lambda x: tta_probabilities(model, x, tta), device=device,
                                  batch_size=size, num_workers=num_workers, precision=precision,
                                  description="predicting")
     probabilities = np.full((len(images), len(classes)), np.nan, dtype=np.float32)
-    for index, row in outputs.items():
-        probabilities[index] = row.numpy()
-    errors = [failed.get(i, "") for i in range(len(images))]
+    for index, k in enumerate(slot):
+        if k in outputs:
+            probabilities[index] = outputs[k].numpy()
+    errors = [failed.get(k, "") for k in slot]
     return PredictionTable(list(classes), [image.path for image in images], probabilities, errors, groups)
 
 

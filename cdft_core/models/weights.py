@@ -269,12 +269,19 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
 
 
 def _looks_like_safetensors(path: Path) -> bool:
-    """safetensors' layout: an 8-byte little-endian header length, then the JSON header."""
     with path.open("rb") as handle:
-        head = handle.read(9)
+        return safetensors_start(handle.read(9), path.stat().st_size)
+
+
+def safetensors_start(head: bytes, size: int | None) -> bool:
+    """Whether a file's first 9 bytes (and its size, when known) are safetensors' layout:
+    an 8-byte little-endian header length that fits the file, then the JSON header's ``{``.
+    Why: the content, not the name, says what a file is (weights saved as ``.bin``, a CSV
+    passed where a checkpoint goes)."""
     if len(head) < 9 or head[8:9] != b"{":
         return False
-    return 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+    length = int.from_bytes(head[:8], "little")
+    return length > 0 and (size is None or length <= size - 8)
 
 
 def _recorded_lora_alpha(metadata: Mapping[str, str]) -> float | None:
