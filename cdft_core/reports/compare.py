@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
-from cdft_core.reports.rows import Row, same_value, shown_key
+from cdft_core.reports.rows import Row, duplicates_note, one_per_split, same_value, shown_key
 
 #: the metrics compared (those the runs have)
 COMPARED = ("accuracy", "f1_macro", "f1_paper", "roc_auc")
@@ -95,8 +95,7 @@ def compare_rows(rows: Sequence[Row], metrics: Sequence[str] = COMPARED) -> list
             if not left:
                 continue
             result = paired_test(left, right)
-            notes = [*result.pop("notes"), *([f"{dropped} duplicate run(s) of one split and seed left out"]
-                                            if dropped else [])]
+            notes = [*result.pop("notes"), *([duplicates_note(dropped)] if dropped else [])]
             out.append(Comparison(first.dataset, kind, within, setting, a, b, metric, len(left),
                                   note="; ".join(notes), **result))
     return out
@@ -126,20 +125,13 @@ def shared_setting(first: Row, second: Row) -> str:
 
 def paired_values(first: Row, second: Row, metric: str) -> tuple[list[float], list[float], int]:
     """The two rows' values of ``metric`` on the splits both ran (in pair-key order), and
-    how many duplicate runs were left out (a second run of one split and seed: the first, by path, is kept)."""
+    how many duplicate runs were left out (the results table's rule: :func:`~cdft_core.reports.rows.one_per_split`)."""
     sides = []
     dropped = 0
     for row in (first, second):
-        by_key: dict[Any, float] = {}
-        for sample in sorted(row.samples, key=lambda s: s.run.path):
-            if metric not in sample.values:
-                continue
-            key = sample.run.pair_key
-            if key in by_key:
-                dropped += 1
-                continue
-            by_key[key] = sample.values[metric]
-        sides.append(by_key)
+        kept, left_out = one_per_split(row.samples, metric)
+        dropped += left_out
+        sides.append({sample.run.pair_key: sample.values[metric] for sample in kept})
     keys = sorted(set(sides[0]) & set(sides[1]), key=repr)
     return [sides[0][k] for k in keys], [sides[1][k] for k in keys], dropped
 

@@ -126,7 +126,8 @@ def _comparisons(report: Report) -> list[str]:
 def _rows(report: Report) -> list[str]:
     out = ['<h2 id="rows">Figures per row</h2>']
     for row in report.rows:
-        out.append(f'<h3 id="row-{escape(row.slug)}">{escape(row.label)} (n={row.n}{escape(", " + row.partial) if row.partial else ""})</h3>')
+        qualified = "".join(f"; {note}" for note in table_lib.n_notes(row))
+        out.append(f'<h3 id="row-{escape(row.slug)}">{escape(row.label)} (n={row.n}{escape(qualified)})</h3>')
         out += _figures(report, [p for p in report.plots if p.row == row.slug])
         notes = [n for n in report.notes if n.startswith(f"{row.label}: ")]
         if notes:

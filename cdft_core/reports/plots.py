@@ -94,7 +94,7 @@ def _wrapped(text: str, width_inches: float, fontsize: float = 9) -> str:
 def confusion_figure(row: Row, split: str) -> tuple[Any, str, list[str]]:
     """Counts and row percentages of the row's test confusion matrices, summed over its runs."""
     classes = row.samples[0].run.classes
-    matrices = [s.run.summary[split].get("confusion_matrix") for s in row.samples]
+    matrices = [s.run.summary[split].get("confusion_matrix") for s in row.kept]
     usable = [np.asarray(m, dtype=np.int64) for m in matrices if m is not None]
     if not usable or any(m.shape != (len(classes), len(classes)) for m in usable):
         return None, "", [f"{row.label}: no confusion matrix (a run's summary has none, or its classes differ)"]
@@ -125,9 +125,9 @@ def confusion_figure(row: Row, split: str) -> tuple[Any, str, list[str]]:
 # -- ROC curves ---------------------------------------------------------------------------
 def roc_figure(row: Row, split: str) -> tuple[Any, str, list[str]]:
     """One-vs-rest ROC curves of the pooled predictions, with the macro average."""
-    with_predictions = [s for s in row.samples if s.predictions is not None]
+    with_predictions = [s for s in row.kept if s.predictions is not None]
     notes = [f"{row.label}: no ROC curve for {s.run.path} ({s.no_predictions})"
-             for s in row.samples if s.predictions is None]
+             for s in row.kept if s.predictions is None]
     if not with_predictions:
         return None, "", notes
     try:
@@ -164,7 +164,7 @@ def learning_series(row: Row) -> dict[tuple[int, str], dict[str, dict[int, list[
     epoch twice).
     """
     series: dict[tuple[int, str], dict[str, dict[int, list[float]]]] = {}
-    for sample in row.samples:
+    for sample in row.kept:
         last: dict[tuple[int, str, int], dict[str, Any]] = {}
         for line in sample.run.metric_lines():
             if line.get("split") == "val" and isinstance(line.get("epoch"), int):

@@ -18,6 +18,12 @@ nothing says it was run the same way as the others.
 
 A row holding the rotations of a cross-validation of which only some chosen rotations are
 complete is *partial*: still reported, but marked (``partial: 3/5 rotations``).
+
+Why a row counts one run per split and seed (:func:`one_per_split`): a second run of one
+split and seed (a cv that repeats rotations of another) measures the same thing again;
+counted twice it would grow the n and shrink the spread of a result with no more splits
+behind it. The paired comparisons apply the same function, so a row's n and its pairs agree;
+the row says how many it left out (``2 duplicate run(s) of one split and seed left out``).
 """
 
 from __future__ import annotations
@@ -88,22 +94,50 @@ class Row:
 
     @property
     def n(self) -> int:
-        return len(self.samples)
+        return len(self.kept)
 
     @property
     def partial(self) -> str:
         """``partial: 3/5 rotations`` when some of the row's runs are rotations of an unfinished
         cross-validation (one figure per such parent), else ``""``."""
-        counts = {s.run.parent: f"{s.run.cv_complete}/{s.run.cv_chosen}" for s in self.samples if s.run.partial}
+        counts = {s.run.parent: f"{s.run.cv_complete}/{s.run.cv_chosen}" for s in self.kept if s.run.partial}
         return f"partial: {', '.join(counts[p] for p in sorted(counts))} rotations" if counts else ""
+
+    @property
+    def kept(self) -> list[Sample]:
+        """The samples the row counts: one per split and seed (:func:`one_per_split`)."""
+        return one_per_split(self.samples)[0]
+
+    @property
+    def duplicates(self) -> int:
+        """How many runs repeat a split and seed of another run of the row (left out of every number)."""
+        return one_per_split(self.samples)[1]
 
     def shown(self, key: str) -> str:
         """A setting value as the row's label shows it (``default``: its runs leave the key unset)."""
         return _shown((self.config or {}).get(key, _DEFAULT))
 
     def values(self, metric: str) -> list[float]:
-        """The metric over the samples that have it (a run without it is not counted in its n)."""
-        return [s.values[metric] for s in self.samples if metric in s.values]
+        """The metric over the samples that have it, one per split and seed (a run without it is not counted in its n)."""
+        return [s.values[metric] for s in one_per_split(self.samples, metric)[0]]
+
+
+def one_per_split(samples: Sequence[Sample], metric: str | None = None) -> tuple[list[Sample], int]:
+    """The samples (those that have ``metric``, when given) with one run per split and seed
+    (:attr:`~cdft_core.reports.collect.Run.pair_key`), in their order, and how many duplicates
+    were left out. The first by path is kept, so the choice does not depend on the order the
+    directories were named in."""
+    candidates = [s for s in samples if metric is None or metric in s.values]
+    first: dict[Any, Sample] = {}
+    for s in sorted(candidates, key=lambda s: s.run.path):
+        first.setdefault(s.run.pair_key, s)
+    kept = [s for s in candidates if first[s.run.pair_key] is s]
+    return kept, len(candidates) - len(kept)
+
+
+def duplicates_note(count: int) -> str:
+    """What a row or a comparison says about the duplicates it left out (``""`` for none)."""
+    return f"{count} duplicate run(s) of one split and seed left out" if count else ""
 
 
 def build_rows(runs: Sequence[Run], split: str) -> list[Row]:

@@ -6,7 +6,10 @@ complete cross-validation must show exactly the numbers of its ``cv_summary.json
 sample standard deviation, Student's 95 % interval), so both are computed by one function.
 A row's ``n`` is its number of runs (marked ``(partial: 3/5 rotations)``, and in the CSV's
 ``partial`` column, when it holds rotations of an unfinished cross-validation); a metric that some runs lack (a ROC-AUC without
-predictions, patient figures of a dataset without patients) shows its own smaller n.
+predictions, patient figures of a dataset without patients) shows its own smaller n. A run of a split and seed
+another run of the row already has is a duplicate, left out of n and every statistic by the paired comparisons' own
+rule (:func:`~cdft_core.reports.rows.one_per_split`); the n says how many (``3 (2 duplicate run(s) of one split and
+seed left out)``), the CSV's ``duplicates`` column too.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cdft_core.reports.rows import LABELS, Row, metric_names
+from cdft_core.reports.rows import LABELS, Row, duplicates_note, metric_names
 
 MISSING = "–"
 
@@ -41,6 +44,17 @@ def cell(stats: Mapping[str, Any] | None, n: int) -> str:
     return text if stats["n"] == n else f"{text} (n={stats['n']})"
 
 
+def n_cell(row: Row) -> str:
+    """The row's n with what qualifies it: ``3 (partial: 3/5 rotations; 2 duplicate run(s) of one split and seed left out)``."""
+    notes = n_notes(row)
+    return f"{row.n} ({'; '.join(notes)})" if notes else str(row.n)
+
+
+def n_notes(row: Row) -> list[str]:
+    """What qualifies a row's n: partial, duplicates left out (none: ``[]``)."""
+    return [note for note in (row.partial, duplicates_note(row.duplicates)) if note]
+
+
 def _has_settings(rows: Sequence[Row]) -> bool:
     return any(row.setting for row in rows)
 
@@ -54,14 +68,15 @@ def cells(rows: Sequence[Row], table: Sequence[Mapping[str, Any]]) -> tuple[list
     body = []
     for row, stats in zip(rows, table, strict=True):
         body.append([row.dataset, row.backbone, row.strategy, *([row.setting] if settings else []),
-                     f"{row.n} ({row.partial})" if row.partial else str(row.n),
+                     n_cell(row),
                      *(cell(stats.get(m), row.n) for m in metrics)])
     return headers, body
 
 
 def caption(split: str) -> str:
     return (f"{split.capitalize()} metrics at each run's best validation epoch: mean ± sample standard deviation over the runs "
-            f"of a row (the rotations of its cross-validations and its repeated runs); n runs")
+            f"of a row (the rotations of its cross-validations and its repeated runs); n runs, one per split and seed "
+            f"(duplicates left out, counted beside n)")
 
 
 def markdown(rows: Sequence[Row], table: Sequence[Mapping[str, Any]], split: str) -> str:
@@ -91,7 +106,7 @@ def csv_text(rows: Sequence[Row], table: Sequence[Mapping[str, Any]], split: str
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     names = metric_names()
-    writer.writerow(["dataset", "backbone", "strategy", "setting", "split", "runs", "partial",
+    writer.writerow(["dataset", "backbone", "strategy", "setting", "split", "runs", "partial", "duplicates",
                      *(f"{m}_{part}" for m in names for part in ("n", "mean", "std", "ci95_low", "ci95_high"))])
     for row, stats in zip(rows, table, strict=True):
         values: list[Any] = []
@@ -102,7 +117,8 @@ def csv_text(rows: Sequence[Row], table: Sequence[Mapping[str, Any]], split: str
                 continue
             ci = s["ci95"] or ["", ""]
             values += [s["n"], repr(s["mean"]), "" if s["std"] is None else repr(s["std"]), *map(str, ci)]
-        writer.writerow([row.dataset, row.backbone, row.strategy, row.setting, split, row.n, row.partial, *values])
+        writer.writerow([row.dataset, row.backbone, row.strategy, row.setting, split, row.n, row.partial,
+                         row.duplicates, *values])
     return out.getvalue()
 
 
