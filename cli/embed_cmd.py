@@ -43,6 +43,7 @@ def embed_command(target: str | None, inputs: tuple[str, ...], backbone: str | N
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     workers = check_num_workers(num_workers)
+    resolve_device(device)  # a device this machine lacks: one usage line before any work
     if backbone is None:  # a run's checkpoint fixes its weights and input size: these would be ignored
         for name, given, what in (("--weights", weights, "weights"), ("--no-pretrained", no_pretrained, "weights"),
                                   ("--image-size", image_size is not None, "input size")):

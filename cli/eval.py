@@ -32,7 +32,7 @@ def eval_command(target: str, split: str, split_file: str | None, data_root: str
       cdft eval runs/x/stage1-frt/best.safetensors --split val --json
     """
     from cdft_cli.output import echo_json
-    from cdft_core.config import check_num_workers
+    from cdft_core.config import check_num_workers, resolve_device
     from cdft_core.errors import UsageError
     from cdft_core.inference.model_loading import model_file
     from cdft_core.training.evaluation import evaluate_checkpoint
@@ -40,8 +40,7 @@ def eval_command(target: str, split: str, split_file: str | None, data_root: str
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     workers = check_num_workers(num_workers)
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device {device!r} is not one of auto, cpu, cuda")
+    resolve_device(device)  # a device this machine lacks: one usage line before any work
     model_file(target)  # a split CSV or other non-checkpoint: a usage error, not a safetensors failure
     result = evaluate_checkpoint(target, split=split, split_file=split_file, data_root=data_root,
                                  batch_size=batch_size, num_workers=workers, device=device)

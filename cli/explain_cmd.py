@@ -31,8 +31,10 @@ def explain_command(target: str, images: tuple[str, ...], output_dir: str, class
       cdft explain runs/x images/ --class ductal_carcinoma -o cams/
     """
     from cdft_cli.output import echo_json
+    from cdft_core.config import resolve_device
     from cdft_core.inference.explain import GRID_MAX, explain
 
+    resolve_device(device)  # a device this machine lacks: one usage line before any work
     results = explain(target, list(images), output_dir, class_name=class_name, device=device, grid=not no_grid)
     if as_json:
         echo_json([{"image": r.image, "overlay": r.overlay, "class": r.explained, "probability": r.probability,

@@ -40,7 +40,7 @@ def predict_command(target: str, inputs: tuple[str, ...], output: str | None, as
       cdft predict runs/x list.csv -o p.csv --group-by 'SOB_[BM]_[A-Z]+-\\d+-(\\d+)'
       cdft predict runs/x 'tiles/**/*.png' --json --tta flip > p.json
     """
-    from cdft_core.config import check_num_workers
+    from cdft_core.config import check_num_workers, resolve_device
     from cdft_core.errors import UsageError
     from cdft_core.files import atomic_write
     from cdft_core.inference.inputs import check_output, collect_inputs
@@ -52,6 +52,7 @@ def predict_command(target: str, inputs: tuple[str, ...], output: str | None, as
     if output is None and not as_json:
         raise UsageError("give -o FILE (or --json to print the predictions)")
     workers = check_num_workers(num_workers)
+    resolve_device(device)  # a device this machine lacks: one usage line before any work
     if output is not None:  # before any compute: an unwritable output fails in one line
         check_output(output, "predictions file")
         if group_by and not as_json:

@@ -156,3 +156,14 @@ def test_a_cuda_index_past_the_machine_s_devices_is_refused(monkeypatch):
     assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cuda") == "cuda"
     with pytest.raises(UsageError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1$"):
         resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("command", [("eval", "no-such-run"), ("predict", "no-such-run", "x.png", "-o", "p.csv"),
+                                     ("embed", "no-such-run", "x.png", "-o", "e.safetensors"),
+                                     ("explain", "no-such-run", "x.png", "-o", "cams")])
+def test_every_command_refuses_a_device_it_cannot_use_in_one_line(command, tmp_path, monkeypatch):
+    from helpers_engine import invoke
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = invoke(*command, "--device", "gpu")
+    assert code == 2 and err.strip() == "cdft: error: --device 'gpu' is not one of auto, cpu, cuda, cuda:N"
