@@ -76,3 +76,23 @@ def test_the_first_run_by_path_is_kept_whatever_the_order_and_figures_count_it_o
         assert all(len(values) == 3 for metrics in curves.values() for per_epoch in metrics.values()
                    for values in per_epoch.values())
     assert summary["metrics"]["test/accuracy"]["n"] == 3
+
+
+def test_the_same_folds_of_two_split_files_are_neither_duplicates_nor_pairs(tmp_path):
+    """Two runs with the same folds and seed but split files of other rows (another seed of
+    `cdft prepare`): both count; each run's own split.csv says which rows it trained on."""
+    runs = tmp_path / "runs"
+    for name, rows in (("a", "image_path,label,fold\nx.png,0,0\ny.png,1,1\n"),
+                       ("b", "image_path,label,fold\nx.png,0,1\ny.png,1,0\n")):
+        fake_run(runs / name, strategy="frt", skill=1.0 if name == "a" else 3.0)
+        (runs / name / "split.csv").write_text(rows)
+    out = tmp_path / "report"
+    code, _, stderr = invoke("report", str(runs), "-o", str(out))
+    assert code == 0, stderr
+    (row,) = read_csv(out / "results.csv")
+    assert (row["runs"], row["duplicates"]) == ("2", "0")
+    (runs / "b" / "split.csv").write_text((runs / "a" / "split.csv").read_text())  # the same rows: a duplicate
+    code, _, stderr = invoke("report", str(runs), "-o", str(out))
+    assert code == 0, stderr
+    (row,) = read_csv(out / "results.csv")
+    assert (row["runs"], row["duplicates"]) == ("1", "1")

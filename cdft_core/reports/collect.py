@@ -52,6 +52,8 @@ class Run:
     cv_complete: int | None = None
     #: how many processes trained it (it multiplies the effective batch); None: the run does not say
     processes: int | None = None
+    #: SHA-256 of the rows it trained on (``RUN/split.csv``); None for a run without the copy
+    split_digest: str | None = None
 
     @property
     def partial(self) -> bool:
@@ -76,13 +78,18 @@ class Run:
 
     @property
     def pair_key(self) -> tuple[Any, ...]:
-        """What makes two runs comparable image for image: the same protocol, folds and seed.
-        A run whose configuration does not say its folds pairs with nothing."""
+        """What makes two runs comparable image for image: the same split rows (the digest of
+        the split they trained on, else their split file's name), protocol, folds and seed. A
+        run whose configuration does not say its folds pairs with nothing.
+
+        Why the split: the same folds of two different split files (another ``--seed`` of
+        ``cdft prepare``) are other images; such runs are neither pairs nor duplicates."""
         folds = (self.config.get("val_fold"), self.config.get("test_fold"))
         if None in folds:
             return ("unpaired", self.path)
         seed = self.summary.get("seed", self.config.get("seed"))
-        return (self.summary.get("protocol"), *folds, seed)
+        split = self.split_digest or ("file", self.config.get("split_file"))
+        return (split, self.summary.get("protocol"), *folds, seed)
 
     def stage_dir(self) -> str:
         """The final stage's folder, where the run's final model left its files.
@@ -195,7 +202,23 @@ def read_run(path: str, parent: str | None = None, rotation: int | None = None) 
         return Incomplete(path, f"summary.json has no {' or '.join(missing)} metrics", parent)
     config, problem = _read_config(path)
     return Run(path=path, config=config, summary=summary, parent=parent, rotation=rotation, config_problem=problem,
-               processes=_processes(path, summary))
+               processes=_processes(path, summary), split_digest=_split_digest(path))
+
+
+def _split_digest(path: str) -> str | None:
+    """SHA-256 of the run's own ``split.csv`` (read in chunks), or None when it has none."""
+    import hashlib
+
+    from cdft_core.training.rundir import RUN_SPLIT
+
+    digest = hashlib.sha256()
+    try:
+        with open(os.path.join(path, RUN_SPLIT), "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _read_cv(path: str) -> tuple[CvParent, list[Run | Incomplete]]:
