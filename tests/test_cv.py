@@ -108,6 +108,26 @@ def test_hcrf_plans_its_low_data_rotations(tmp_path_factory):
     assert not Path(overrides["output"]).exists()  # planning creates nothing
 
 
+def test_a_split_file_with_folds_written_as_floats_plans_like_cdft_run_reads_it(tmp_path_factory, tmp_path):
+    """pandas writes a fold column with an empty cell as 0.0, 1.0...: `cdft run` reads those as
+    folds, so the cv plan must too; a fold that is no whole number is named with its line."""
+    from cdft_core.experiments.cv import plan_cv
+
+    root, split = engine_data(tmp_path_factory)
+    table = pd.read_csv(split, dtype=str, keep_default_na=False)
+    table["fold"] = [f"{int(f)}.0" for f in table["fold"]]
+    floats = tmp_path / "floats.csv"
+    table.to_csv(floats, index=False)
+    overrides = {"dataset": "breakhis", "data_root": root, "split_file": str(floats), "backbone": "test_vit",
+                 "pretrained": False, "image_size": 32, "device": "cpu", "output": str(tmp_path / "cv")}
+    plan = plan_cv(overrides)
+    assert plan.folds == sorted({int(f) for f in pd.read_csv(split)["fold"]})
+    table.loc[3, "fold"] = "1.5"
+    table.to_csv(floats, index=False)
+    with pytest.raises(UsageError, match=r"line 5: fold '1\.5' is not an integer"):
+        plan_cv(overrides)
+
+
 # -- statistics and command lines ---------------------------------------------------------
 def test_statistics_are_the_sample_std_and_a_student_t_interval():
     from scipy import stats

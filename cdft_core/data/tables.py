@@ -104,7 +104,9 @@ def read_split_file(
     return table
 
 
-def _integers(table: pd.DataFrame, column: str, where: Any) -> list[int]:
+def integer_column(table: pd.DataFrame, column: str, where: Any) -> list[int]:
+    """``column``'s cells as ints (``"3"`` and ``"3.0"`` alike: the cells are read as strings),
+    or a usage error naming the first cell that is not a whole number (``where(row)`` says where)."""
     import pandas as pd
 
     values = pd.to_numeric(table[column], errors="coerce")
@@ -152,9 +154,9 @@ def check_table(
 
     table["image_path"] = [root.confine(p, where(i) if source else "") for i, p in enumerate(table["image_path"].tolist())]
     _refuse_repeats(table, source)
-    table["label"] = _integers(table, "label", where)
+    table["label"] = integer_column(table, "label", where)
     if "fold" in table.columns:
-        table["fold"] = _integers(table, "fold", where)
+        table["fold"] = integer_column(table, "fold", where)
     n = len(classes)
     for idx, label in enumerate(table["label"].tolist()):
         if not 0 <= label < n:

@@ -139,15 +139,13 @@ def _present_folds(config: RunConfig, default_folds: int) -> list[int]:
     """The fold numbers a run would see: the split file's, else ``folds`` (or the dataset's default) in memory."""
     if not config.split_file:
         return list(range(config.folds or default_folds))
-    from cdft_core.data.tables import read_split_file
+    from cdft_core.data.tables import integer_column, read_split_file
 
     table = read_split_file(config.split_file)
     if "fold" not in table.columns:
         raise UsageError(f"split file {config.split_file!r} has no fold column; make one with `cdft prepare`")
-    try:
-        return sorted({int(f) for f in table["fold"].dropna()})
-    except (TypeError, ValueError):
-        raise UsageError(f"split file {config.split_file!r}: the fold column must hold fold numbers") from None
+    # the rule `cdft run` applies to the file: "0" and "0.0" (as pandas writes floats) are fold 0
+    return sorted(set(integer_column(table, "fold", lambda row: f"split file {config.split_file!r} line {row + 2}")))
 
 
 def reopen_cv(parent: str, overrides: Mapping[str, Any], *, preset: str | None = None,
