@@ -20,7 +20,7 @@ import click
 @click.option("--batch-size", type=int, default=None, help="Evaluation batch size (default: the run's).")
 @click.option("--num-workers", default="auto", show_default=True,
               help="Data-loading worker processes: a number, or auto (this process's CPUs, at most 8).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def eval_command(target: str, split: str, split_file: str | None, data_root: str | None, batch_size: int | None,
                  num_workers: str, device: str, as_json: bool) -> None:

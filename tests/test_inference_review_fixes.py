@@ -132,3 +132,16 @@ def test_predict_help_groups_by_patient_as_the_docs_do():
     patient = r"--group-by 'SOB_[BM]_[A-Z]+-\d+-(\d+)'"
     assert code == 0 and patient in stdout and r"(\w+)" not in stdout
     assert patient in (Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text()
+
+
+def test_a_repeated_image_counts_once_in_its_group():
+    import numpy as np
+
+    from cdft_core.inference.predict import PredictionTable, group_table
+
+    probabilities = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.9, 0.1]], dtype=np.float32)
+    table = PredictionTable(["a", "b"], ["x.png", "x.png", "y.png", "x.png"], probabilities, ["", "", "", ""],
+                            ["g", "g", "g", "h"])
+    rows = {row["group"]: row for row in group_table(table)}
+    assert rows["g"]["images"] == 2 and rows["g"]["prob_a"] == pytest.approx(0.5)  # x once, y once
+    assert rows["h"]["images"] == 1  # the same image in another group belongs to it too

@@ -122,15 +122,19 @@ def group_table(table: PredictionTable) -> list[dict[str, Any]]:
     """Per group (first-seen order): readable image count, mean probabilities, predicted class.
 
     Unreadable images and images without a group are left out; a group none of whose
-    images could be read is listed with 0 images and no prediction.
+    images could be read is listed with 0 images and no prediction. An image is one
+    image of its group however often it was given (rows repeated in the input keep their
+    rows in the image table, not extra weight in the group's mean).
     """
     if table.groups is None:
         return []
     members: dict[str, list[int]] = {}
+    seen: set[tuple[str, str]] = set()
     for index, group in enumerate(table.groups):
         if group:
             members.setdefault(group, [])
-            if not table.errors[index]:
+            if not table.errors[index] and (group, table.paths[index]) not in seen:
+                seen.add((group, table.paths[index]))
                 members[group].append(index)
     rows = []
     for group, indices in members.items():
