@@ -296,11 +296,25 @@ def parse_key_values(items: Iterable[str], *, option: str, typed: bool = True) -
     return out
 
 
-def validate(config: RunConfig) -> None:
+def validate(config: RunConfig, *, values_only: bool = False) -> None:
     """Checks that need nothing but the config itself (names are resolved later, in the registry).
 
-    Raises :class:`UsageError` with one line naming the option and the fix.
+    Raises :class:`UsageError` with one line naming the option and the fix. ``values_only``
+    skips required names and paths: a grid listed on a login node (or the demo before it
+    writes its images) judges values while the data are elsewhere; the run checks the rest.
     """
+    if values_only:
+        return _check_values(config)
+    _check_required(config)
+    _check_values(config)
+    _check_exists(config.data_root, "--data-root", "the directory holding the images", directory=True)
+    if config.split_file:
+        _check_exists(config.split_file, "--split-file", "a CSV written by `cdft prepare`", directory=False)
+    if config.weights:
+        _check_exists(config.weights, "--weights", "a .safetensors/.pth/.bin weight file", directory=False)
+
+
+def _check_required(config: RunConfig) -> None:
     if not config.dataset:
         raise UsageError("no dataset given; pass --dataset NAME (see `cdft list datasets`)")
     if not config.data_root:
@@ -309,6 +323,9 @@ def validate(config: RunConfig) -> None:
         raise UsageError("no backbone given; pass --backbone NAME (see `cdft list backbones`)")
     if not config.strategy:
         raise UsageError("no strategy given; pass --strategy NAME (see `cdft list strategies`)")
+
+
+def _check_values(config: RunConfig) -> None:
     positive = {
         "batch_size": "--batch-size",
         "epochs": "--epochs",
@@ -365,11 +382,6 @@ def validate(config: RunConfig) -> None:
     if config.cache_dir and ("://" in config.cache_dir or "::" in config.cache_dir):
         raise UsageError(f"--cache-dir {config.cache_dir!r} must be a local directory (the image cache is memory-mapped "
                          f"and locked); drop it or pass a local path")
-    _check_exists(config.data_root, "--data-root", "the directory holding the images", directory=True)
-    if config.split_file:
-        _check_exists(config.split_file, "--split-file", "a CSV written by `cdft prepare`", directory=False)
-    if config.weights:
-        _check_exists(config.weights, "--weights", "a .safetensors/.pth/.bin weight file", directory=False)
 
 
 def _check_exists(path: str, option: str, what: str, *, directory: bool) -> None:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import click
@@ -12,6 +13,17 @@ from cdft_cli.output import echo_json, table, warn
 
 _CACHE_DIR = click.option("--cache-dir", default=None, metavar="DIR",
                           help="The cache directory [default: $CDFT_CACHE_DIR, else ~/.cache/cdft].")
+
+
+def check_cache_dir(cache_dir: str | None) -> None:
+    """A ``--cache-dir`` that is a file is a usage error: listing it would say "no caches" and a
+    run would fail once it tries to build there. A missing one is fine (it is made when needed)."""
+    from cdft_core.errors import UsageError
+    from cdft_core.text import one_line
+
+    if cache_dir and os.path.isfile(os.path.expanduser(cache_dir)):
+        raise UsageError(f"--cache-dir {one_line(cache_dir, 120)!r} is a file, not a folder; "
+                         "pass another folder for the caches (or drop --cache-dir for the default)")
 
 
 @click.group("cache")
@@ -27,6 +39,7 @@ def list_command(cache_dir: str | None, as_json: bool) -> None:
     """List the caches: key, kind, images, what they hold, MB on disk, last use, data root."""
     from cdft_core.data.cache_dir import cache_root, list_caches
 
+    check_cache_dir(cache_dir)
     entries = list_caches(cache_dir)
     if as_json:
         echo_json([e.to_json() for e in entries])
@@ -54,6 +67,7 @@ def clear_command(keys: tuple[str, ...], cache_dir: str | None) -> None:
     """
     from cdft_core.data.cache_dir import cache_root, clear_caches
 
+    check_cache_dir(cache_dir)
     removed, busy = clear_caches(cache_dir, keys)
     for entry in busy:
         warn(f"cache {entry.key[:12]} is being built or used by a running process; left in place")

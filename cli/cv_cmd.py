@@ -8,6 +8,7 @@ and ``--rotations`` choosing some rotations. The work is :mod:`cdft_core.experim
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 from typing import Any
@@ -35,6 +36,7 @@ def _cv(config_file: str | None, resume: str | None, rotations: str | None, **pa
       cdft cv --config configs/hcrf-vit-frt.yaml --data-root data/HCRF --rotations 0,2 --nproc-per-node 2
       cdft cv --resume runs/breakhis-vit_base_patch16_clip_224.laion2b-staged-cv-s1-20250101-120000
     """
+    from cdft_cli.cache_cmd import check_cache_dir
     from cdft_cli.run import config_overrides
     from cdft_core.errors import UsageError
     from cdft_core.experiments.cv import parse_rotations, plan_cv, reopen_cv, run_cv
@@ -51,6 +53,7 @@ def _cv(config_file: str | None, resume: str | None, rotations: str | None, **pa
         plan = reopen_cv(resume, overrides, preset=config_file, rotations=chosen)
     else:
         plan = plan_cv(overrides, preset=config_file, rotations=chosen)
+    check_cache_dir(plan.config.cache_dir)
     summary = run_cv(plan, launch_options=launch_options, argv=sys.argv)
     click.echo(f"\ncross-validation: {len(summary['rotations'])} rotations of protocol {summary['protocol']!r} "
                f"(test and validation metrics at each run's best validation epoch)")
@@ -58,10 +61,18 @@ def _cv(config_file: str | None, resume: str | None, rotations: str | None, **pa
     click.echo(f"\ncv directory: {summary['parent']}  (cv_summary.json; one run per rotation-N folder)")
 
 
+#: ``cdft run`` options each rotation chooses: hidden from ``cdft cv --help`` (still parsed, so
+#: passing one gets the refusal that says why, not "no such option")
+_ROTATION_CHOSEN = ("val_fold", "test_fold")
+
+
 def _params() -> list[click.Parameter]:
     """``cdft run``'s parameters, with its ``--resume`` replaced by ours and ``--rotations`` after it."""
     params: list[click.Parameter] = []
     for param in run_command.params:
+        if param.name in _ROTATION_CHOSEN:
+            param = copy.copy(param)  # a copy: `cdft run --help` still lists them
+            param.hidden = True
         params += [_RESUME, _ROTATIONS] if param.name == "resume" else [param]
     return params
 

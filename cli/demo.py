@@ -35,7 +35,7 @@ def default_output() -> str:
 
 
 @click.command("demo")
-@click.option("--output", default=None, metavar="DIR",
+@click.option("--output", "-o", default=None, metavar="DIR",
               help="Working directory for the synthetic data, split file and runs/ (reused by later demos) "
                    "[default: demo/ in cdft's cache dir: $CDFT_CACHE_DIR, else ~/.cache/cdft].")
 @click.option("--epochs", type=int, default=5, show_default=True, help="Epochs per stage.")
@@ -54,7 +54,9 @@ def demo_command(output: str | None, epochs: int, image_size: int, num_workers: 
     from cdft_core.data.splits import prepare_with_summary
     from cdft_core.data.synthetic import make_synthetic_breakhis
     from cdft_core.data.tables import write_split_file
+    from cdft_core.experiments.grid import check_settings
     from cdft_core.training import engine
+    from cdft_core.training.preflight import preflight
     from cdft_core.training.rundir import RunDir
 
     workers = check_num_workers(num_workers)
@@ -63,6 +65,15 @@ def demo_command(output: str | None, epochs: int, image_size: int, num_workers: 
         workdir = RunDir(os.path.abspath(workdir.url))
     data_root = workdir.join("data", "BreaKHis_v1")
     split_file = workdir.join("breakhis-splits.csv")
+    config = RunConfig(
+        dataset="breakhis", data_root=data_root, split_file=split_file, dataset_options=dict(DEMO_OPTIONS),
+        backbone=DEMO_BACKBONE, pretrained=False, image_size=image_size, strategy="staged",
+        epochs=epochs, lr=1e-3, batch_size=16, warmup_epochs=1.0, num_workers=workers, device="cpu",
+        max_steps_per_epoch=max_steps_per_epoch, runs_dir=workdir.join("runs"), log_every=10,
+    )
+    # every option checked (as `cdft run` checks them) before anything is written: a bad one leaves no files
+    check_settings(config)
+    preflight(config)
     click.echo("cdft demo: the images are SYNTHETIC (coloured textures in the BreakHis folder layout, not "
                f"histology) and the backbone ({DEMO_BACKBONE}) has RANDOM weights; this checks the machinery, "
                "the numbers say nothing about real data.")
@@ -75,14 +86,8 @@ def demo_command(output: str | None, epochs: int, image_size: int, num_workers: 
     write_split_file(table, split_file)
     click.echo(f"wrote the patient-level split file {split_file} ({len(table)} images, {summary['n_folds']} folds)")
     for note in warnings_of(summary):
-        warn(note)
-    config = RunConfig(
-        dataset="breakhis", data_root=data_root, split_file=split_file, dataset_options=dict(DEMO_OPTIONS),
-        backbone=DEMO_BACKBONE, pretrained=False, image_size=image_size, strategy="staged",
-        epochs=epochs, lr=1e-3, batch_size=16, warmup_epochs=1.0, num_workers=workers, device="cpu",
-        max_steps_per_epoch=max_steps_per_epoch, runs_dir=workdir.join("runs"), log_every=10,
-    )
-    validate(config)
+        warn(note.replace(" more in --json", " more"))  # prepare's pointer: the demo has no --json
+    validate(config)  # now with its data and split file
     click.echo(f"staged fine-tune of {DEMO_BACKBONE} (random init) with the CDTM adapter: "
                f"{epochs} epochs per stage at {image_size} px on CPU")
     summary = engine.main(config)

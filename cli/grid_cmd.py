@@ -20,7 +20,7 @@ import click
               help="Run N cells at once, each on its own GPU (on a machine without GPUs: N processes).")
 @click.option("--cell", "cells", type=int, multiple=True, metavar="N",
               help="Only cell N (repeatable); `cdft grid GRID.yaml --cell $SLURM_ARRAY_TASK_ID` runs or resumes one.")
-@click.option("--output", default=None, metavar="DIR|URL",
+@click.option("--output", "-o", default=None, metavar="DIR|URL",
               help="Parent of the cells' directories (default: the file's output, else runs/<grid file name>).")
 def grid_command(grid_file: str, dry_run: bool, print_commands: bool, jobs: int, cells: tuple[int, ...],
                  output: str | None) -> None:

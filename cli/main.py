@@ -52,10 +52,34 @@ class LazyGroup(click.Group):
         module, attr, _ = COMMANDS[cmd_name]
         return getattr(importlib.import_module(module), attr)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """The subcommand (its parsing and ``--help`` too); a closed stdout leaves as :class:`_ReaderGone`,
+        because click itself turns EPIPE into exit code 1 without a word."""
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            raise _ReaderGone() from exc
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, help_text) for name, (_, _, help_text) in COMMANDS.items()]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+class _ReaderGone(Exception):
+    """The reader of our output stopped reading (``cdft list ... | head -1``): not a failure."""
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at interpreter exit does not print
+    "Exception ignored ... BrokenPipeError" for what is left in its buffer."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (a test's captured one): nothing to quiet
+        pass
+    finally:
+        os.close(devnull)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -103,6 +127,10 @@ def main(args: list[str] | None = None, prog_name: str = "cdft") -> Any:
         run = record(cli.main)
     try:
         code = run(args=args, prog_name=prog_name, standalone_mode=False)
+        sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at exit
+    except (_ReaderGone, BrokenPipeError):
+        _quiet_stdout()
+        code = 0
     except click.exceptions.Abort:
         error("aborted")
         code = 130

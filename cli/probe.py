@@ -45,6 +45,7 @@ def probe_command(config_file: str | None, lrs: str, weight_decays: str, as_json
       cdft probe --dataset breakhis --data-root data/BreaKHis_v1 --split-file breakhis.csv \\
                  --backbone vit_base_patch16_clip_224.laion2b --lrs 1e-4,3e-4,1e-3,3e-3 --weight-decays 0,1e-4
     """
+    from cdft_cli.cache_cmd import check_cache_dir
     from cdft_cli.output import echo_json
     from cdft_cli.run import config_overrides, print_results
     from cdft_core.config import resolve_config
@@ -55,6 +56,7 @@ def probe_command(config_file: str | None, lrs: str, weight_decays: str, as_json
     check_grid(*grid)
     overrides = {**config_overrides(params), "strategy": "linear", "adapter": "none"}
     config = resolve_config(overrides, preset=config_file)
+    check_cache_dir(config.cache_dir)
     check_output(config.output, config.runs_dir)
     summary = run_probe(config, *grid)
     if as_json:

@@ -31,6 +31,8 @@ _METAVARS = {"data_root": "DIR|URL", "split_file": "CSV", "weights": "FILE", "ou
              "optimizer": "NAME", "device": "NAME", "precision": "NAME", "num_workers": "N|auto", "cache_dir": "DIR",
              "augment": "paper|paper+hed|none", "class_weights": "none|balanced", "sampler": "random|balanced",
              "accumulate": "N", "patience": "N", "ema": "DECAY"}
+#: short forms, as the other commands spell them (``cdft prepare -o``)
+_SHORT = {"output": ("-o",)}
 #: the launcher options (handed to torchrun, not to the workers)
 LAUNCH_PARAMS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "rdzv_backend")
 
@@ -89,7 +91,8 @@ def _config_options(func: Callable[..., Any], names: Collection[str] | None = No
         else:
             # ``int | str`` (num_workers: a count or auto) is checked by the config, as a string here
             click_type = str if "str" in kind else int if kind.startswith("int") else float if kind.startswith("float") else str
-            func = click.option(flag, f.name, type=click_type, default=None, metavar=_METAVARS.get(f.name),
+            decls = (flag, *_SHORT.get(f.name, ()))
+            func = click.option(*decls, f.name, type=click_type, default=None, metavar=_METAVARS.get(f.name),
                                 help=help_text)(func)
     return func
 
@@ -129,6 +132,7 @@ def run_command(ctx: click.Context, config_file: str | None, resume: str | None,
       cdft run --config configs/hcrf-vit-staged.yaml --data-root data/HCRF --nproc-per-node 2
       cdft run --resume runs/breakhis-vit_base_patch16_clip_224.laion2b-staged-v0t1-s1-20250101-120000
     """
+    from cdft_cli.cache_cmd import check_cache_dir
     from cdft_core.config import resolve_config
     from cdft_core.errors import UsageError
     from cdft_core.training.distributed import launched_by_torchrun
@@ -138,6 +142,7 @@ def run_command(ctx: click.Context, config_file: str | None, resume: str | None,
 
     launch_options = LaunchOptions(**{name: params.pop(name) for name in LAUNCH_PARAMS})
     config = resolve_config(config_overrides(params), preset=config_file, resume=resume)
+    check_cache_dir(config.cache_dir)
     if not resume and not launched_by_torchrun():
         check_output(config.output, config.runs_dir)
     preflight(config)
@@ -157,7 +162,7 @@ def run_command(ctx: click.Context, config_file: str | None, resume: str | None,
 
 def config_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
     """The config keys given on the command line (None and empty repeats mean "not given")."""
-    from cdft_core.config import parse_key_values
+    from cdft_core.config import check_num_workers, parse_key_values
 
     out: dict[str, Any] = {}
     for name, value in params.items():
@@ -165,6 +170,8 @@ def config_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if name in _DICT_OPTIONS:
             value = parse_key_values(value, option=_DICT_OPTIONS[name], typed=name != "dataset_options")
+        elif name == "num_workers":  # checked here so its error names the option, not "command line: num_workers"
+            value = check_num_workers(value)
         out[name] = value
     return out
 

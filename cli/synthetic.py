@@ -17,7 +17,7 @@ NEXT_STEP = {
 @click.argument("kind", type=click.Choice(sorted(NEXT_STEP)))
 @click.argument("directory")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Same seed, same bytes.")
-@click.option("--json", "as_json", is_flag=True, help="Print {kind, root} as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print {kind, root, seed} as JSON.")
 def make_synthetic_command(kind: str, directory: str, seed: int, as_json: bool) -> None:
     """Write a synthetic KIND tree under DIRECTORY and print its data root.
 

@@ -175,7 +175,7 @@ def open_cache(root: str, paths: Sequence[str], spec: ResizeSpec, *, cache_dir: 
 
     opened = open_or_build(images_dir(cache_dir), key, verify=lambda folder: _verified(folder, key),
                            build=build_here if build else None, what="image cache",
-                           fix="pass --cache-dir or --no-cache", log=log)
+                           fix="pass another --cache-dir DIR, or --no-cache", log=log)
     if opened is None:
         return None
     cache = ImageCache(opened.directory, opened.meta, spec, opened.status, opened.in_use, opened.seconds)

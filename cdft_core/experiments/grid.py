@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from cdft_core.config import FIELD_NAMES, RESUME_OVERRIDES, RunConfig, absolute_paths, merge
+from cdft_core.config import FIELD_NAMES, RESUME_OVERRIDES, RunConfig, absolute_paths, merge, validate
 from cdft_core.errors import CdftError, UsageError
 from cdft_core.experiments.commands import DICT_FLAGS, option_args
 from cdft_core.text import one_line
@@ -225,13 +225,14 @@ def _shown(value: Any) -> str:
 
 def _typed(source: str, cell: Cell) -> Cell:
     """The cell with its options checked and converted as ``cdft run`` reads them (``"false"``
-    -> False, ``1e-4`` -> 0.0001), so its command line spells them right. Names and paths are
-    checked where the cell runs: the machine that lists a grid may not hold the data."""
+    -> False, ``1e-4`` -> 0.0001), so its command line spells them right, and its values
+    checked as ``cdft run`` checks them (``epochs: 0`` fails here, not in every cell). Names
+    and paths are checked where the cell runs: the machine that lists a grid may not hold the data."""
     where = f"{source}: cell {cell.index} ({cell.name})"
     preset = cell.values.get("config")
     fields = {k: v for k, v in cell.values.items() if k in FIELD_NAMES}
     base = merge(RunConfig(), load_yaml(str(preset)), source=str(preset)) if preset else RunConfig()
-    merge(base, fields, source=where)  # the cell as it will run: its preset under its options
+    check_settings(merge(base, fields, source=where), where)  # the cell as it will run: its preset under its options
     typed = merge(RunConfig(), fields, source=where)  # its own options alone, converted
     launch = {k: v for k, v in cell.values.items() if k in _launch_fields()}
     if launch:
@@ -244,6 +245,16 @@ def _typed(source: str, cell: Cell) -> Cell:
         torchrun_argv(options, WorkerCommand("cdft_cli", ()))  # its checks of the launcher options
     values = {k: getattr(typed, k) if k in fields else v for k, v in cell.values.items()}
     return dataclasses.replace(cell, values=values)
+
+
+def check_settings(config: RunConfig, where: str | None = None) -> None:
+    """:func:`cdft_core.config.validate` on ``config``'s values alone, before its data exist (a
+    grid listed on a login node, the demo before it writes its images); the run still checks
+    names and paths. A failure is one usage line, prefixed with ``where``."""
+    try:
+        validate(config, values_only=True)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 # -- commands and states ------------------------------------------------------------------

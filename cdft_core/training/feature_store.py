@@ -105,7 +105,7 @@ def open_store(inputs: Mapping[str, Any], batches: Callable[[], Iterable[Feature
         return _build(temporary, key, dict(inputs), batches(), rows=rows, contents=contents, root=root, log=log)
 
     opened = open_or_build(features_dir(cache_dir), key, verify=lambda folder: _verified(folder, key), build=build,
-                           what="feature cache", fix="pass --cache-dir or --no-feature-cache", log=log)
+                           what="feature cache", fix="pass another --cache-dir DIR, or --no-feature-cache", log=log)
     assert opened is not None  # a build function was given
     store = FeatureStore(opened.directory, opened.meta, opened.status, opened.in_use, opened.seconds)
     if log is not None:
