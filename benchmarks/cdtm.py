@@ -181,13 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per shape")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per formulation (best reported)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch CPU threads (default 1: on a shared machine, other processes stall multi-threaded kernels)",
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), action="append", help="only these shapes")
     args = parser.parse_args(argv)
+    if args.repeats < 1:  # no timed run: the best would be infinite, and JSON has no Infinity
+        parser.error(f"--repeats {args.repeats}: must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

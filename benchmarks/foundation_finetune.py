@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import NUM_CLASSES, synchronize, train_step  # noqa: E402  (the engine's step, shared)
+from train_step import NUM_CLASSES, positive_ints, synchronize, train_step  # noqa: E402  (the engine's step, shared)
 
 #: UNI-sized and Virchow2-sized rows (cdft's curated foundation backbones)
 BACKBONES = {"vit_l": "uni", "vit_h": "virchow2"}
@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--backbones", default=None, help="comma-separated (default: vit_l,vit_h on CUDA, test_vit on CPU)")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--batches", default=None, help="default: 8,32 on CUDA, 2,4 on CPU")
-    parser.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--precision", default=None, choices=("bf16", "fp32"),
+                        help="default: bf16 on CUDA, fp32 on CPU (the engine's step has no fp16 grad scaler)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the backbone's (CPU: 32)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on CUDA, 2 on CPU)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -113,16 +114,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device")
     device = torch.device(args.device)
     names = (args.backbones or ("vit_l,vit_h" if cuda else "test_vit")).split(",")
-    batches = [int(b) for b in (args.batches or ("8,32" if cuda else "2,4")).split(",")]
+    batches = positive_ints(parser, "--batches", args.batches or ("8,32" if cuda else "2,4"))
+    modes = args.modes.split(",")
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:  # an unknown mode would otherwise be measured as full
+        parser.error(f"--modes: {', '.join(map(repr, unknown))} is not one of {', '.join(MODES)}")
+    for option, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                                 ("--image-size", args.image_size, 1)):
+        if value is not None and value < least:
+            parser.error(f"--{option[2:]} {value}: must be at least {least}")
     args.precision = args.precision or ("bf16" if cuda else "fp32")
-    args.steps = args.steps or (10 if cuda else 2)
+    args.steps = args.steps if args.steps is not None else (10 if cuda else 2)
     if not cuda and args.image_size is None:
         args.image_size = 32
     if cuda:
         from cdft_core.training.speed import configure_backends
 
         configure_backends(device)
-    modes = args.modes.split(",")
     if "lora" in modes:
         try:
             import peft  # noqa: F401

@@ -42,10 +42,17 @@ BACKBONE = "vit_small_patch16_224"
 
 @contextlib.contextmanager
 def timed_engine(times: dict[str, list[float]]) -> Iterator[None]:
-    """Record the duration of every training epoch, evaluation and stage-feature build of a run."""
-    from cdft_core.training import engine, frozen
+    """Record the duration of every training epoch, evaluation and stage-feature build of a run.
 
-    originals = engine.train_epoch, engine.evaluate, frozen.stage_features
+    Patched where the engine looks each one up: ``train_epoch`` and ``evaluate_split`` (each
+    epoch's validation) in the engine's namespace, ``predict`` in ``predictions`` (called by
+    ``best_predictions`` once per split on the best weights: the ``test`` pass is the test
+    evaluation; its repeated ``val`` pass only feeds ``predictions.csv`` and is kept apart),
+    and ``stage_features``, which ``train_stage`` imports from ``frozen`` at each call.
+    """
+    from cdft_core.training import engine, frozen, predictions
+
+    originals = engine.train_epoch, engine.evaluate_split, predictions.predict, frozen.stage_features
 
     def wrap(name: str, function: Any, key: Any = None) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -58,13 +65,17 @@ def timed_engine(times: dict[str, list[float]]) -> Iterator[None]:
                 times.setdefault(key(*args, **kwargs) if key else name, []).append(time.perf_counter() - start)
         return timed
 
+    def split_key(*args: Any, **kwargs: Any) -> str:  # predict(..., description="stage 1/1 test")
+        return "test" if kwargs["description"].endswith(" test") else "best_val"
+
     engine.train_epoch = wrap("train", originals[0])
-    engine.evaluate = wrap("eval", originals[1], key=lambda *a, **k: "test" if "test" in k["description"] else "val")
-    frozen.stage_features = wrap("build", originals[2])
+    engine.evaluate_split = wrap("val", originals[1])
+    predictions.predict = wrap("test", originals[2], key=split_key)
+    frozen.stage_features = wrap("build", originals[3])
     try:
         yield
     finally:
-        engine.train_epoch, engine.evaluate, frozen.stage_features = originals
+        engine.train_epoch, engine.evaluate_split, predictions.predict, frozen.stage_features = originals
 
 
 def one_run(data: tuple[str, str], strategy: str, cached: bool, args: argparse.Namespace, out: str) -> dict[str, Any]:

@@ -15,9 +15,10 @@
 #      train_step.py within a time budget (SMOKE_BENCH_BUDGET seconds, default 300); then the
 #      MFU sweep: ViT-B/16 full at batch 256 and 128 compiled in inductor's modes (SMOKE_MFU_BUDGET, 240).
 # Every step's output goes to OUT_DIR/logs/<step>.log; a table of pass/fail and seconds is
-# printed at the end and written to OUT_DIR/smoke.json. The script continues past a
-# failing step so one run shows every broken path; its exit status is the number of
-# failed steps (0: all passed).
+# printed at the end and written to OUT_DIR/smoke.json (each benchmark's stdout, its JSON, to
+# OUT_DIR/bench-<name>.json). The script continues past a failing step so one run shows every
+# broken path; its exit status is the number of failed steps (0: all passed; at most 125; a step
+# that recorded no status counts as failed), 2 when OUT_DIR cannot be used.
 set -u -o pipefail
 
 OUT_DIR="${1:-${OUT:-/tmp/cdft-gpu-smoke}}"
@@ -36,20 +37,29 @@ BENCH_BUDGET="${SMOKE_BENCH_BUDGET:-300}"
 JOBS="${SMOKE_JOBS:-$([ "$DEVICE" = cuda ] && echo 4 || echo 1)}"
 MFU_BUDGET="${SMOKE_MFU_BUDGET:-240}"
 PY="${PYTHON:-python}"
+# relative paths would resolve from the repo root after the `cd` below: a second folder, a missing python
+case "$OUT_DIR" in /*) ;; *) OUT_DIR="$PWD/$OUT_DIR";; esac
+case "$PY" in /*|"") ;; */*) PY="$PWD/$PY";; esac
+if [ -e "$OUT_DIR" ] && [ ! -d "$OUT_DIR" ]; then
+  echo "gpu_smoke: $OUT_DIR is not a folder; choose an empty or new folder"; exit 2
+fi
 # OUT_DIR is empty or an earlier smoke run's (marked): a rerun there starts clean, since earlier
 # runs would refuse --output; any other folder is left alone
 if [ -d "$OUT_DIR" ] && [ -n "$(ls -A "$OUT_DIR")" ] && [ ! -e "$OUT_DIR/.cdft-gpu-smoke" ]; then
   echo "gpu_smoke: $OUT_DIR is not empty and not an earlier smoke run's; choose an empty or new folder"; exit 2
 fi
 # SMOKE_ONLY=benchmarks after a SMOKE_ONLY=checks call keeps the checks' logs and rows (smoke.json lists both)
+# everything this script writes, so that no earlier result is read as this call's
 if [ "$ONLY" = benchmarks ]; then
-  rm -rf "$OUT_DIR"/logs/bench-*
+  rm -rf "$OUT_DIR"/logs/bench-* "$OUT_DIR"/bench-*.json "$OUT_DIR/smoke.json"
 else
-  rm -rf "$OUT_DIR/logs" "$OUT_DIR/runs" "$OUT_DIR/data" "$OUT_DIR/status"
+  rm -rf "$OUT_DIR/logs" "$OUT_DIR/runs" "$OUT_DIR/data" "$OUT_DIR/status" "$OUT_DIR"/bench-*.json \
+    "$OUT_DIR/smoke.json" "$OUT_DIR/breakhis.csv" "$OUT_DIR/gpu.csv"
 fi
-mkdir -p "$OUT_DIR/logs" && touch "$OUT_DIR/.cdft-gpu-smoke"
+mkdir -p "$OUT_DIR/logs" "$OUT_DIR/status" 2>/dev/null && touch "$OUT_DIR/.cdft-gpu-smoke" 2>/dev/null \
+  || { echo "gpu_smoke: cannot write in $OUT_DIR; choose a writable empty or new folder"; exit 2; }
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || { echo "gpu_smoke: cannot enter the repository root"; exit 2; }
 
 if ! "$PY" -c "import cdft_cli" 2>/dev/null; then
   # offline GPU machines have the dependencies but no package index: then install cdft alone
@@ -63,13 +73,14 @@ if [ "$DEVICE" = cuda ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT_DIR/gpu.csv" 2>/dev/null || true
 
-STATUS_DIR="$OUT_DIR/status"
-mkdir -p "$STATUS_DIR"
-for old in "$STATUS_DIR"/*; do  # a benchmarks call after a checks call: keep theirs, number after them
+STATUS_DIR="$OUT_DIR/status"  # made above, with logs/
+SEQ=0  # a benchmarks call after a checks call: keep theirs, number after the highest
+for old in "$STATUS_DIR"/*; do
   [ -e "$old" ] || continue
-  case "$(cat "$old")" in bench-*) rm -f "$old";; esac
+  case "$(cat "$old")" in bench-*) rm -f "$old"; continue;; esac
+  case "$(basename "$old")" in *[!0-9]*) continue;; esac
+  [ "$((10#$(basename "$old")))" -gt "$SEQ" ] && SEQ=$((10#$(basename "$old")))
 done
-SEQ=$(ls "$STATUS_DIR" | wc -l)
 FIRST_SEQ=$SEQ
 run_step() {  # run_step FILE NAME COMMAND...: run, time, record "NAME STATUS SECONDS" in FILE
   local file="$1" name="$2"; shift 2
@@ -91,6 +102,11 @@ pstep() {  # pstep NAME COMMAND...: in the background, at most $JOBS at once (ch
   SEQ=$((SEQ + 1))
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
   run_step "$STATUS_DIR/$(printf %03d $SEQ)" "$@" &
+}
+to_file() {  # to_file FILE COMMAND...: the command's stdout alone into FILE (stderr stays in the step's log)
+  local file="$1"; shift
+  "$@" >"$file.part" || { local status=$?; cat "$file.part"; rm -f "$file.part"; return "$status"; }
+  mv "$file.part" "$file"  # only a successful run's stdout becomes FILE: never a half-written JSON
 }
 record() {  # record NAME STATUS: a step that did not run (a skip)
   SEQ=$((SEQ + 1)); echo "$1 $2 0" >"$STATUS_DIR/$(printf %03d $SEQ)"
@@ -190,27 +206,30 @@ for bench in benchmarks/*.py; do
   name="bench-$(basename "$bench" .py)"
   extra=()
   [ "$name" = bench-train_step ] && extra=(--time-budget "$BENCH_BUDGET")
-  step "$name" "$PY" "$bench" --device cuda --json "${extra[@]}"
-  cp "$OUT_DIR/logs/$name.log" "$OUT_DIR/$name.json" 2>/dev/null || true
+  step "$name" to_file "$OUT_DIR/$name.json" "$PY" "$bench" --device cuda --json "${extra[@]}"
 done
 # the MFU target (ViT-B/16 full >= 40 % of the bf16 peak): bigger batches and inductor's other modes
-step "bench-mfu" "$PY" benchmarks/train_step.py --device cuda --json --backbones vit_b16 --strategies full \
-  --compile on --compile-modes max-autotune,default,max-autotune-no-cudagraphs --batch-sizes 256,128 \
-  --time-budget "$MFU_BUDGET"
-cp "$OUT_DIR/logs/bench-mfu.log" "$OUT_DIR/bench-mfu.json" 2>/dev/null || true
+step "bench-mfu" to_file "$OUT_DIR/bench-mfu.json" "$PY" benchmarks/train_step.py --device cuda --json \
+  --backbones vit_b16 --strategies full --compile on --compile-modes max-autotune,default,max-autotune-no-cudagraphs \
+  --batch-sizes 256,128 --time-budget "$MFU_BUDGET"
 fi
 
 wait
-FAILED=0  # this call's failed steps (smoke.json lists every recorded step)
-for file in "$STATUS_DIR"/*; do
-  [ -e "$file" ] || continue
-  [ "$((10#$(basename "$file")))" -gt "$FIRST_SEQ" ] && grep -q " FAIL(" "$file" && FAILED=$((FAILED + 1))
+FAILED=0  # this call's failed steps (smoke.json lists every recorded step): each number it started, in turn
+n=$FIRST_SEQ
+while [ "$n" -lt "$SEQ" ]; do
+  n=$((n + 1)); file="$STATUS_DIR/$(printf %03d "$n")"
+  if [ ! -s "$file" ]; then  # its status could not be written: nothing says it passed
+    echo "gpu_smoke: step $n recorded no status ($file): counted as failed"; FAILED=$((FAILED + 1))
+  elif grep -q " FAIL(" "$file"; then
+    FAILED=$((FAILED + 1))
+  fi
 done
-"$PY" - "$OUT_DIR" "$STATUS_DIR" <<'EOF'
+"$PY" - "$OUT_DIR" "$STATUS_DIR" <<'EOF' || { echo "gpu_smoke: could not write $OUT_DIR/smoke.json"; FAILED=$((FAILED + 1)); }
 import json, pathlib, sys
 out_dir, status_dir = sys.argv[1], pathlib.Path(sys.argv[2])
 rows = [path.read_text().split() for path in sorted(status_dir.iterdir())]  # in the order the steps were started
 json.dump([dict(zip(("step", "status", "seconds"), row)) for row in rows], open(f"{out_dir}/smoke.json", "w"), indent=1)
 EOF
 echo "gpu_smoke: $FAILED failed step(s); logs in $OUT_DIR/logs, table in $OUT_DIR/smoke.json"
-exit "$FAILED"
+exit $((FAILED > 125 ? 125 : FAILED))  # 256 failures must not read as 0

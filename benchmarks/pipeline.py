@@ -164,12 +164,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="accepted for gpu_smoke.sh and ignored: the data pipeline "
                         "runs on the CPU (in the loader workers) whatever device trains")
     args = parser.parse_args(argv)
+    for option in ("repeats", "input_size", "images"):
+        value = getattr(args, option)
+        if value is not None and value < 1:  # 0 must not mean "the default" nor a median of no passes
+            parser.error(f"--{option.replace('_', '-')} {value}: must be at least 1")
+    from cdft_core.data.transforms import check_augment
+    from cdft_core.errors import UsageError
+
+    try:  # before any image is written: an unknown choice costs a second, not a run
+        check_augment(args.augment)
+    except UsageError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(1)  # images/s per core
     results = []
     with tempfile.TemporaryDirectory(prefix="cdft-pipeline-") as folder:
         for name in args.size or list(SIZES):
             size, count = SIZES[name]
-            results.append(measure(name, size, args.images or count, folder, args.input_size, args.repeats,
+            results.append(measure(name, size, count if args.images is None else args.images, folder, args.input_size, args.repeats,
                                    args.augment))
     if args.json:
         print(json.dumps(results, indent=2))

@@ -40,8 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="the recipe's batch (default 8)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (best used)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu or cuda")
     args = parser.parse_args(argv)
+    for option in ("images", "val_images", "dim", "classes", "epochs", "batch_size", "repeats", "threads"):
+        if getattr(args, option) < 1:  # 0 would divide by zero or time nothing (Infinity in the JSON)
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu")
     torch.set_num_threads(args.threads)
     from cdft_core.training.probe import grid, sweep
 

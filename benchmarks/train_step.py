@@ -266,10 +266,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds; rows not started by then are skipped (eager rows run first)")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu (or auto)")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.device = "cuda" if cuda else "cpu"
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("128,256" if cuda else "4")).split(",")]
-    args.image_size = args.image_size or (None if cuda else 64)
+    args.batch_sizes = positive_ints(parser, "--batch-sizes", args.batch_sizes or ("128,256" if cuda else "4"))
+    for option, value, least in (("--image-size", args.image_size, 1), ("--steps", args.steps, 1),
+                                 ("--warmup", args.warmup, 0), ("--time-budget", args.time_budget, 1e-9),
+                                 ("--peak-tflops", args.peak_tflops, 1e-9), ("--threads", args.threads, 1)):
+        if value is not None and value < least:  # 0 must not silently mean "the default"
+            parser.error(f"{option} {value}: must be {'at least 0' if least == 0 else 'greater than 0'}")
+    args.image_size = args.image_size if args.image_size is not None else (None if cuda else 64)
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.compile = args.compile or ("both" if cuda else "off")
     from cdft_core.config import COMPILE_MODES
@@ -278,14 +285,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.compile_modes if m not in COMPILE_MODES]
     if unknown or not args.compile_modes:
         parser.error(f"--compile-modes: {', '.join(unknown) or 'none given'}; choose from {', '.join(COMPILE_MODES)}")
-    args.steps = args.steps or (20 if cuda else 3)
-    args.warmup = args.warmup or (5 if cuda else 1)
+    args.steps = args.steps if args.steps is not None else (20 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     return args
+
+
+def positive_ints(parser: argparse.ArgumentParser, option: str, text: str) -> list[int]:
+    """``"128,256"`` as ints, each at least 1; anything else is a usage error naming the option."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        parser.error(f"{option} {text!r}: give whole numbers greater than 0, comma-separated (e.g. 128,256)")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = torch.device(args.device)
@@ -295,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_backends(device)
     peak = None
     if device.type == "cuda":
-        peak = ("given", args.peak_tflops) if args.peak_tflops else peak_bf16(torch.cuda.get_device_name(device))
+        peak = ("given", args.peak_tflops) if args.peak_tflops is not None else peak_bf16(torch.cuda.get_device_name(device))
     groups = {"off": [["eager"]], "on": [args.compile_modes], "both": [["eager"], args.compile_modes]}[args.compile]
     # eager rows first, then compiled ones (each pays a compilation); in the order of the options,
     # batch sizes outermost, then modes, so a --time-budget cuts the least wanted rows (the last ones)
@@ -303,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             for strategy in args.strategies.split(",") for name in args.backbones.split(",")]
     started, rows = time.perf_counter(), []
     for name, strategy, batch, mode in plan:
-        if args.time_budget and time.perf_counter() - started > args.time_budget:
+        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
             rows.append({"backbone": name, "strategy": strategy, "batch": batch, "mode": mode,
                          "error": "skipped: --time-budget spent"})
             continue
@@ -322,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(json.dumps(result["machine"]))
         print(table(rows))
+    if all("error" in row for row in rows):  # nothing was measured: a script or smoke step must see a failure
+        print(f"train_step: every row failed ({len(rows)}); see each row's error", file=sys.stderr)
+        return 1
     return 0
 
 
