@@ -431,3 +431,19 @@ def test_two_processes_with_every_option_match_their_checkpoint(tmp_path_factory
     assert [line["global_step"] for line in metric_lines(run_dir) if line["split"] == "val"] == [2, 4]
     assert math.isfinite(summary["test"]["loss"])
     _checkpoint_matches_summary(run_dir)
+
+
+def test_a_stage_announces_its_peak_rates_even_resumed_mid_warm_up():
+    """A resumed optimizer holds the warm-up's current rate; the stage line names the scheduled peak."""
+    from cdft_core.training.schedule import format_rates, rates, set_rates
+
+    head, body = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam([{"params": head.parameters(), "lr": 1e-3, "label": "head"},
+                                  {"params": body.parameters(), "lr": 1e-4, "label": "trainable"}])
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    set_rates(optimizer, 0.34)
+    resumed = torch.optim.Adam([{"params": head.parameters(), "lr": 1.0}, {"params": body.parameters(), "lr": 1.0}])
+    resumed.load_state_dict(optimizer.state_dict())
+    assert rates(resumed) == pytest.approx({"head": 3.4e-4, "trainable": 3.4e-5})
+    assert format_rates(rates(resumed, peak=True)) == "lr head 0.001, trainable 0.0001"

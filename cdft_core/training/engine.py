@@ -285,7 +285,7 @@ def train_stage(run: Run, index: int) -> None:
     )
     run.log(
         f"stage {index + 1}/{len(run.strategy.stages)} {stage.name}: {epochs} epochs x {steps} steps, "
-        f"{format_rates(rates(current.optimizer))}, {trainable_count(current.optimizer):,} trainable parameters, "
+        f"{format_rates(rates(current.optimizer, peak=True))}, {trainable_count(current.optimizer):,} trainable parameters, "
         f"effective batch {describe_effective_batch(run)}"
         + (f", from stage {index}'s best weights" if stage.init == "best" else "")
     )

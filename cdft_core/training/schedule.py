@@ -46,9 +46,12 @@ def set_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
-def rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """The current rate of each label group (``{"trainable": 1e-4}``; a layer-wise decay shows several)."""
-    return {str(group.get("label", index)): float(group["lr"]) for index, group in enumerate(optimizer.param_groups)}
+def rates(optimizer: torch.optim.Optimizer, *, peak: bool = False) -> dict[str, float]:
+    """The current rate of each label group (``{"trainable": 1e-4}``; a layer-wise decay shows several);
+    ``peak``: the rates the schedule scales (``base_lr``), what a stage announces, resumed mid-warm-up or not."""
+    key = "base_lr" if peak else "lr"
+    return {str(group.get("label", index)): float(group.get(key, group["lr"]))
+            for index, group in enumerate(optimizer.param_groups)}
 
 
 def format_rates(values: dict[str, float]) -> str:
