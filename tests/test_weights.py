@@ -376,3 +376,16 @@ def test_the_offline_message_names_the_switch_that_is_set(offline_empty_cache, m
     with pytest.raises(CdftError) as info:
         build_model("vit_base_patch16_clip_224.laion2b", "none", 2)
     assert "TRANSFORMERS_OFFLINE is set" in str(info.value) and "HF_HUB_OFFLINE" not in str(info.value)
+
+
+def test_lora_tensors_that_do_not_fit_their_base_layer_are_one_line(tmp_path):
+    import json
+
+    spec = {"strategy": {"name": "lora", "options": {"rank": 4, "alpha": 12.0}}}
+    model, path = _lora_checkpoint(tmp_path, {"cdft_spec": json.dumps(spec)})
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    key = next(k for k in state if k.endswith("lora_A.default.weight"))
+    state[key] = torch.zeros(3, state[key].shape[1])  # rank 3 against B's rank 4
+    save_file(state, str(path), metadata={"cdft_spec": json.dumps(spec)})
+    with pytest.raises(UsageError, match=r"holds a LoRA layer whose shapes do not fit its base layer"):
+        read_state_dict(path)

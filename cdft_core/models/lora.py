@@ -167,6 +167,10 @@ def merge_lora_tensors(state_dict: dict[str, Any], alpha: float | None, source: 
         if base is None or set(pair) != {"A", "B"} or base.dim() not in (2, 4):
             raise UsageError(f"weights file {source!r} holds a LoRA layer cdft cannot merge ({layer}); {fix}")
         down, up = pair["A"].flatten(1).float(), pair["B"].flatten(1).float()
+        if up.shape[1] != down.shape[0] or up.shape[0] * down.shape[1] != base.numel():
+            raise UsageError(f"weights file {source!r} holds a LoRA layer whose shapes do not fit its base layer "
+                             f"({layer}: B {tuple(pair['B'].shape)}, A {tuple(pair['A'].shape)}, base "
+                             f"{tuple(base.shape)}); {fix}")
         delta = (up @ down) * (float(alpha) / down.shape[0])
         merged[f"{layer}.weight"] = (base.float() + delta.reshape(base.shape)).to(base.dtype)
         bias = merged.pop(f"{layer}.base_layer.bias", None)
