@@ -152,3 +152,14 @@ def test_cdtm_rejects_wrong_token_count_and_bad_options():
         Cdtm(8, 6, dropout=1.5)
     with pytest.raises(CdftError, match="checkpoint_blocks"):
         Cdtm(8, 6, blocks=1, checkpoint_blocks=2)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("centres", 10**9, "centres must be an integer from 1 to 100,000"),
+    ("blocks", 10**6, "blocks must be an integer from 1 to 64"),
+    ("mlp_ratio", 1e7, r"mlp_ratio must be in \(0, 64\]"),
+])
+def test_cdtm_options_past_any_sensible_size_are_refused_before_allocating(option, value, message):
+    """A crafted checkpoint spec (or a typo) with centres 1e9 tried to allocate 256 GB."""
+    with pytest.raises(CdftError, match=message):
+        Cdtm(8, 6, **{option: value})

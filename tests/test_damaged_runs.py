@@ -299,3 +299,44 @@ def test_resume_weights_of_another_model_are_a_damaged_state(interrupted, tmp_pa
     line = _one_error_line(err)
     assert code == 1 and "is damaged (its weights do not fit this run's model: " in line, err
     assert line.endswith("; start a new run, or resume from an intact copy of the run"), line
+
+
+def test_a_huge_sparse_summary_is_damaged_not_parsed(tmp_path):
+    """A 1 GB summary.json (sparse: a few kB on disk) took 2.6 GB to parse; a record is kilobytes."""
+    from cdft_core.errors import UsageError
+    from cdft_core.training.evaluation import find_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "summary.json", "wb") as handle:
+        handle.truncate(1 << 30)
+    with pytest.raises(UsageError, match=r"summary.json' is damaged \(it does not name a checkpoint"):
+        find_checkpoint(str(run))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit", ["shape", "nesting"])
+def test_an_edited_checkpoint_is_one_line_naming_it(run, tmp_path, edit):
+    """A tensor of another shape gave torch's several 'size mismatch' lines; metadata nested
+    100,000 deep a bare RecursionError."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cdft_core.training.checkpoint import read_model
+
+    source = run / "stage1-frt" / "best.safetensors"
+    tensors = load_file(str(source))
+    _, meta = read_model(str(source))
+    metadata = {k: json.dumps(v) for k, v in meta.items() if k != "checkpoint"}
+    if edit == "shape":
+        key = next(k for k in tensors if k.endswith("attn.proj.bias"))
+        tensors[key] = torch.zeros(3, 3, 3)
+    else:
+        metadata["cdft_spec"] = "[" * 100_000 + "]" * 100_000
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata=metadata)
+    code, _, err = invoke("eval", str(edited))
+    line = _one_error_line(err)
+    assert code == 1 and str(edited) in line, err
+    expected = "does not fit its own model spec (1 tensor(s) of another shape" if edit == "shape" else "has damaged metadata"
+    assert expected in line and "RecursionError" not in line

@@ -247,3 +247,11 @@ def test_an_unset_value_names_its_cell_no_key_and_passes_no_option(tmp_path):
     grid = load_grid(_write(tmp_path, "backbone: [a]\nema: [0.999, null]\n"))
     assert [c.name for c in grid.cells] == ["a-ema0.999", "a-no_ema"]
     assert "--ema" in cell_args(grid, grid.cells[0]) and "--ema" not in cell_args(grid, grid.cells[1])
+
+
+def test_a_grid_of_too_many_cells_is_refused_before_any_is_built(tmp_path):
+    """Three lists of 2000 values are 8e9 cells: listing them used to run out of memory."""
+    values = "[" + ", ".join(str(i) for i in range(2000)) + "]"
+    text = f"command: run\nbackbone: [a]\nseed: {values}\nepochs: {values.replace('[0, ', '[')}\nlog_every: {values.replace('[0, ', '[')}\n"
+    with pytest.raises(UsageError, match=r"the grid has 7,992,002,000 cells \(1 x 2000 x 1999 x 1999\), more than 10,000"):
+        load_grid(_write(tmp_path, text))

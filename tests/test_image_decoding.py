@@ -409,3 +409,21 @@ def test_undecodable_data_is_a_one_line_error_naming_the_file(tmp_path, monkeypa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
     with pytest.raises(CdftError, match=r"cannot decode image 'huge\.png' \(.*decompression bomb"):
         decode_image(png_bytes(distinct_rgb16(), 2), "huge.png")
+
+
+def test_a_large_image_below_pillows_bomb_limit_decodes_without_its_raw_warning(recwarn, monkeypatch):
+    """Pillow warns between MAX_IMAGE_PIXELS and twice that: its two raw lines reached stderr."""
+    import io as _io
+
+    from PIL import Image
+
+    from cdft_core.data.images import decode_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 = 1600 pixels: past the warning, below 2x
+    buffer = _io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(buffer, format="PNG")
+    assert tuple(decode_image(buffer.getvalue(), "big.png").shape) == (3, 40, 40)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # past twice the limit: still refused, in one line
+    with pytest.raises(CdftError, match=r"cannot decode image 'big.png' \(Image size \(1600 pixels\) exceeds limit"):
+        decode_image(buffer.getvalue(), "big.png")

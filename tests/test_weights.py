@@ -389,3 +389,28 @@ def test_lora_tensors_that_do_not_fit_their_base_layer_are_one_line(tmp_path):
     save_file(state, str(path), metadata={"cdft_spec": json.dumps(spec)})
     with pytest.raises(UsageError, match=r"holds a LoRA layer whose shapes do not fit its base layer"):
         read_state_dict(path)
+
+
+@pytest.mark.parametrize("alpha", ["nan", "1e400", "-2", "0"])
+def test_a_recorded_lora_alpha_that_is_not_a_positive_number_is_refused(tmp_path, alpha):
+    """alpha nan once loaded silently and made every feature NaN."""
+    import json
+
+    spec = json.dumps({"strategy": {"name": "lora", "options": {"alpha": alpha}}})
+    _, path = _lora_checkpoint(tmp_path, {"cdft_spec": spec})
+    with pytest.raises(UsageError, match=r"records LoRA alpha .*, not a positive number"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("shape", [(64,), (0, 64)])
+def test_lora_tensors_of_no_matrix_shape_are_refused(tmp_path, shape):
+    import json
+
+    spec = json.dumps({"strategy": {"name": "lora", "options": {"alpha": 12.0}}})
+    model, path = _lora_checkpoint(tmp_path, {"cdft_spec": spec})
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    key = next(k for k in state if k.endswith("lora_A.default.weight"))
+    state[key] = torch.zeros(shape)
+    save_file(state, str(path), metadata={"cdft_spec": spec})
+    with pytest.raises(UsageError, match="holds a LoRA layer cdft cannot merge"):
+        read_state_dict(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +65,12 @@ def decode_image(data: bytes, name: str = "image") -> torch.Tensor:
     if not data:
         raise CdftError(f"cannot decode image {name!r}: the file is empty; replace or remove it")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            array = _rgb_array(image, data)
+        # Pillow's bomb limit stays (an error past 2 x MAX_IMAGE_PIXELS, ~179M pixels); its warning
+        # below that (a large but real tile) would print its own two raw lines
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                array = _rgb_array(image, data)
     except UnidentifiedImageError as exc:  # its message is the repr of our BytesIO: say what it means
         raise CdftError(f"cannot decode image {name!r} (not an image format Pillow reads); replace or remove the file") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

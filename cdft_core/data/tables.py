@@ -73,6 +73,10 @@ def _is_record(column: Any) -> bool:
     return str(column) == DATASET_COLUMN or str(column).startswith(OPTION_PREFIX)
 
 
+#: a split table of a million images is ~100 MB: anything bigger is not one (and is not read whole)
+MAX_SPLIT_BYTES = 512 << 20
+
+
 def read_split_file(
     split_file: str, *, fs: Any = None, what: str = "split file", missing: str = "make one with `cdft prepare`"
 ) -> pd.DataFrame:
@@ -90,7 +94,13 @@ def read_split_file(
     try:
         opener = fs.open(split_file, "rb") if fs is not None else fsspec.open(str(split_file), "rb")
         with opener as handle:
-            data = handle.read()
+            data = handle.read(MAX_SPLIT_BYTES + 1)
+        if len(data) > MAX_SPLIT_BYTES:
+            raise UsageError(f"{what} {split_file!r} is over {MAX_SPLIT_BYTES >> 20} MiB, far more than a split "
+                             f"table needs; pass the CSV written by `cdft prepare`")
+        if b"\x00" in data:
+            raise UsageError(f"{what} {split_file!r} holds NUL bytes: it is not a CSV text file; "
+                             f"pass the CSV written by `cdft prepare`")
         # every cell stays a string: a recorded option "01" must not come back as 1, nor a
         # patient 13412 as 13412.0 in a column with an empty cell; label and fold are
         # checked and converted by check_table

@@ -29,6 +29,7 @@ import dataclasses
 import difflib
 import itertools
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -126,6 +127,10 @@ def _rotations(source: str, value: Any) -> list[int] | None:
     return chosen
 
 
+#: the most cells one grid file may hold (the paper's grid has 48)
+MAX_CELLS = 10_000
+
+
 def _cells(source: str, settings: Mapping[str, Any], axes: Sequence[str], exclude: Any,
            run_keys: Sequence[str]) -> tuple[list[Cell], int]:
     """The product of the axes, minus the excluded cells, each checked and named."""
@@ -135,6 +140,10 @@ def _cells(source: str, settings: Mapping[str, Any], axes: Sequence[str], exclud
         unknown = [k for k in entry if k not in run_keys]
         if unknown:
             raise UsageError(f"{source}: exclude entry {_shown(entry)} names unknown keys {unknown}")
+    count = math.prod(len(settings[axis]) for axis in axes)
+    if count > MAX_CELLS:  # before any cell is built: a few long lists multiply into billions
+        raise UsageError(f"{source}: the grid has {count:,} cells ({' x '.join(str(len(settings[a])) for a in axes)}), "
+                         f"more than {MAX_CELLS:,}; split it into several grid files or shorten its lists")
     combos = list(itertools.product(*(range(len(settings[axis])) for axis in axes)))
     used = [False] * len(exclude)
     cells: list[Cell] = []

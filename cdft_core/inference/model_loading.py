@@ -38,6 +38,12 @@ def model_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], c
     check_class_count(meta, checkpoint)
     with recorded_plugins(meta):
         model = model_from_spec(meta["cdft_spec"])
+    own = model.state_dict()
+    mismatched = [k for k, v in tensors.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:  # torch's own error is several lines of "size mismatch for ..."
+        raise CdftError(f"{checkpoint!r} does not fit its own model spec ({len(mismatched)} tensor(s) of another "
+                        f"shape, e.g. {mismatched[0]} {tuple(tensors[mismatched[0]].shape)} vs "
+                        f"{tuple(own[mismatched[0]].shape)}); the file is damaged or was edited")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CdftError(f"{checkpoint!r} does not fit its own model spec ({len(missing)} missing, "

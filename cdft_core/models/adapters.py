@@ -109,11 +109,13 @@ class Cdtm(nn.Module):
         super().__init__()
         if dim < 1 or num_tokens < 1:
             raise UsageError(f"CDTM needs a positive token dimension and count, got dim={dim}, num_tokens={num_tokens}")
-        for label, value in (("centres", centres), ("blocks", blocks)):
-            if int(value) != value or value < 1:
-                raise UsageError(f"CDTM option {label} must be a positive integer, got {value!r}")
-        if mlp_ratio <= 0:
-            raise UsageError(f"CDTM option mlp_ratio must be positive, got {mlp_ratio!r}")
+        # upper bounds far past any sensible CDTM (the paper's: 300, 1, 4) keep a typo or a crafted
+        # checkpoint from allocating without end
+        for label, value, most in (("centres", centres, 100_000), ("blocks", blocks, 64)):
+            if int(value) != value or not 1 <= value <= most:
+                raise UsageError(f"CDTM option {label} must be an integer from 1 to {most:,}, got {value!r}")
+        if not 0 < mlp_ratio <= 64:
+            raise UsageError(f"CDTM option mlp_ratio must be in (0, 64], got {mlp_ratio!r}")
         if not 0.0 <= dropout < 1.0:
             raise UsageError(f"CDTM option dropout must be in [0, 1), got {dropout!r}")
         if int(checkpoint_blocks) != checkpoint_blocks or not 0 <= checkpoint_blocks <= blocks:

@@ -25,6 +25,7 @@ embeddings and depthwise or larger convolutions are left alone.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -154,6 +155,8 @@ def merge_lora_tensors(state_dict: dict[str, Any], alpha: float | None, source: 
     fix = "merge the adapters into the base weights (peft's merge_and_unload) and save a plain state dict"
     if alpha is None:
         raise UsageError(f"weights file {source!r} holds LoRA adapters (lora_A/lora_B) but not their alpha; {fix}")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise UsageError(f"weights file {source!r} records LoRA alpha {alpha!r}, not a positive number; {fix}")
     merged = {k: v for k, v in state_dict.items() if not is_lora_parameter("." + k)}
     parts: dict[str, dict[str, Any]] = {}
     for key, value in state_dict.items():
@@ -164,7 +167,8 @@ def merge_lora_tensors(state_dict: dict[str, Any], alpha: float | None, source: 
             parts.setdefault(match["layer"], {})[match["part"]] = value
     for layer, pair in parts.items():
         base = merged.pop(f"{layer}.base_layer.weight", None)
-        if base is None or set(pair) != {"A", "B"} or base.dim() not in (2, 4):
+        if (base is None or set(pair) != {"A", "B"} or base.dim() not in (2, 4)
+                or pair["A"].dim() < 2 or pair["B"].dim() < 2 or 0 in (*pair["A"].shape, *pair["B"].shape)):
             raise UsageError(f"weights file {source!r} holds a LoRA layer cdft cannot merge ({layer}); {fix}")
         down, up = pair["A"].flatten(1).float(), pair["B"].flatten(1).float()
         if up.shape[1] != down.shape[0] or up.shape[0] * down.shape[1] != base.numel():

@@ -291,7 +291,7 @@ def _recorded_lora_alpha(metadata: Mapping[str, str]) -> float | None:
     try:
         options = json.loads(metadata.get("cdft_spec", "{}")).get("strategy", {}).get("options", {})
         return float(options["alpha"]) if "alpha" in options else None
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, RecursionError):
         return None
 
 

@@ -193,7 +193,7 @@ def read_run(path: str, parent: str | None = None, rotation: int | None = None) 
     try:
         with open(summary_path, encoding="utf-8") as handle:
             summary = json.load(handle)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         return Incomplete(path, f"summary.json cannot be read ({one_line(exc, 120)})", parent)
     if not isinstance(summary, dict) or summary.get("status") != "complete":
         return Incomplete(path, "summary.json does not say the run is complete", parent)

@@ -55,7 +55,7 @@ def load_model_file(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], 
     for key, value in raw.items():
         try:
             meta[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # deep nesting: kept as text, then refused below
             meta[key] = value
     problem = _metadata_problem(meta)
     if problem:
@@ -105,17 +105,26 @@ def read_model(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def read_bounded(fs: Any, inner: str, source: str) -> bytes:
+#: the most bytes a run's JSON record (summary, resume record) may hold
+MAX_RECORD_BYTES = 64 << 20
+
+
+def read_bounded(fs: Any, inner: str, source: str, most: int | None = None) -> bytes:
     """The bytes of one regular file, never more than its stated size plus :data:`READ_MARGIN`.
 
     Without the checks a path to a device (``/dev/zero``) would be read until memory runs
     out, and one to a FIFO would block for ever; the margin shows a file that grew meanwhile.
+    ``most``: a file stated bigger than that is damaged, not read (a run's JSON records are
+    kilobytes; a sparse 1 GB one took GBs to parse).
     """
     info = fs.info(inner)
     if info.get("type") != "file":
         kind = "a directory" if info.get("type") == "directory" else "not a regular file (a device or a pipe?)"
         raise UsageError(f"{source!r} is {kind}")
     size = info.get("size")
+    if most is not None and (size is None or int(size) > most):
+        raise CdftError(f"{source!r} is {'of unknown size' if size is None else f'{int(size):,} bytes'}, more than "
+                        f"the {most:,} such a record can need: it is damaged or not cdft's")
     with fs.open(inner, "rb") as handle:
         data = handle.read() if size is None else handle.read(int(size) + READ_MARGIN)
     if size is not None and len(data) > int(size):
@@ -244,7 +253,7 @@ def latest_resume(rundir: RunDir) -> dict[str, Any] | None:
     name = f"{RESUME_DIR}/{records[-1]}"
     try:
         return _read_resume(rundir, name)
-    except (CdftError, OSError, ValueError, KeyError, TypeError) as exc:
+    except (CdftError, OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         missing = isinstance(exc, FileNotFoundError) and exc.filename
         why = f"{exc.filename} is missing" if missing else one_line(exc, 200)
         raise damaged_resume(rundir.join(name), why) from None
@@ -259,7 +268,7 @@ def damaged_resume(path: str, why: str) -> CdftError:
 def _read_resume(rundir: RunDir, name: str) -> dict[str, Any]:
     from safetensors.torch import load
 
-    record = json.loads(read_bounded(rundir.fs, f"{rundir.path}/{name}", name))
+    record = json.loads(read_bounded(rundir.fs, f"{rundir.path}/{name}", name, most=MAX_RECORD_BYTES))
     problem = _resume_record_problem(record)
     if problem:
         raise ValueError(problem)

@@ -190,12 +190,12 @@ def _summary_checkpoint(rundir: Any, target: str) -> str:
     one error line (not a ``JSONDecodeError``), and a ``checkpoint`` outside the run (an
     absolute path, ``..``) is refused: it would make cdft open any file on the machine.
     """
-    from cdft_core.training.checkpoint import inside_run, read_bounded
+    from cdft_core.training.checkpoint import MAX_RECORD_BYTES, inside_run, read_bounded
 
     name = rundir.join("summary.json")
     try:
-        summary = json.loads(read_bounded(rundir.fs, f"{rundir.path}/summary.json", name))
-    except (CdftError, OSError, ValueError):
+        summary = json.loads(read_bounded(rundir.fs, f"{rundir.path}/summary.json", name, most=MAX_RECORD_BYTES))
+    except (CdftError, OSError, ValueError, RecursionError):
         summary = None
     checkpoint = summary.get("checkpoint") if isinstance(summary, dict) else None
     if inside_run(checkpoint):
