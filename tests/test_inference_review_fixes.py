@@ -145,3 +145,28 @@ def test_a_repeated_image_counts_once_in_its_group():
     rows = {row["group"]: row for row in group_table(table)}
     assert rows["g"]["images"] == 2 and rows["g"]["prob_a"] == pytest.approx(0.5)  # x once, y once
     assert rows["h"]["images"] == 1  # the same image in another group belongs to it too
+
+
+def test_folders_globs_and_csvs_inside_a_zip_name_readable_members(tmp_path):
+    """`zip://tiles::/x.zip` once gave members `zip://tiles::/x.zip/a.png` (unreadable), and a
+    glob dropped the archive from its URLs."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from cdft_core.inference.inputs import collect_inputs, read_image
+
+    archive = tmp_path / "tiles.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for name in ("a", "b"):
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 6), (10, 20, 30)).save(buffer, format="PNG")
+            bundle.writestr(f"tiles/{name}.png", buffer.getvalue())
+        bundle.writestr("tiles/list.csv", "image_path,pid\na.png,1\nb.png,2\n")
+        bundle.writestr("top.csv", "image_path\ntiles/a.png\n")
+    for argument in (f"zip://tiles::{archive}", f"zip://tiles/*.png::{archive}", f"zip://tiles/list.csv::{archive}"):
+        paths = [image.path for image in collect_inputs([argument])]
+        assert paths == [f"zip://tiles/a.png::{archive}", f"zip://tiles/b.png::{archive}"], argument
+        assert all(tuple(read_image(p).shape) == (3, 6, 8) for p in paths)
+    assert [i.path for i in collect_inputs([f"zip://top.csv::{archive}"])] == [f"zip://tiles/a.png::{archive}"]

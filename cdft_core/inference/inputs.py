@@ -84,11 +84,12 @@ def _expand(argument: str) -> Iterable[InputImage]:
         exists = is_dir or fs.exists(path)
     except OSError as exc:
         raise CdftError(f"cannot read INPUT {one_line(argument, 120)!r}: {one_line(exc)}") from exc
-    if argument.lower().endswith(".csv") and (exists or not any(c in argument for c in _GLOB)) and not is_dir:
+    named_csv = _split_url(argument)[1].lower().endswith(".csv")  # a CSV inside a zip:// chain too
+    if named_csv and (exists or not any(c in argument for c in _GLOB)) and not is_dir:
         return _from_csv(argument)
     if not exists and any(c in argument for c in _GLOB):
         if "://" in argument:
-            files = [fs.unstrip_protocol(m) for m in sorted(fs.glob(path)) if not fs.isdir(m)]
+            files = [_member(argument, fs, m) for m in sorted(fs.glob(path)) if not fs.isdir(m)]
         else:  # Python's glob keeps the user's spelling (relative stays relative)
             files = [m for m in sorted(glob.glob(argument, recursive=True)) if not os.path.isdir(m)]
         if not files:
@@ -107,8 +108,33 @@ def _expand(argument: str) -> Iterable[InputImage]:
     return [InputImage(argument)]
 
 
+def _split_url(url: str) -> tuple[str, str, str]:
+    """(``proto://`` or "", the path inside it, ``::chain`` or ""): a chained fsspec URL
+    (``zip://tiles::/data/x.zip``) names a member before its ``::``, where a join must go."""
+    head, sep, chain = url.partition("::")
+    prefix, marker, inner = head.partition("://")
+    if not marker:
+        return "", head, sep + chain
+    return prefix + marker, inner, sep + chain
+
+
 def _join(base: str, relative: str) -> str:
-    return f"{base.rstrip('/')}/{relative}" if base.rstrip("/") else relative
+    prefix, inner, chain = _split_url(base)
+    inner = inner.rstrip("/")
+    return prefix + (f"{inner}/{relative}" if inner else relative) + chain
+
+
+def _parent(url: str) -> str:
+    """The folder of a file's URL or path ("" for a bare local file name)."""
+    prefix, inner, chain = _split_url(url)
+    folder = inner.rsplit("/", 1)[0] if "/" in inner else ""
+    return prefix + folder + chain if (folder or prefix) else ""
+
+
+def _member(argument: str, fs: Any, path: str) -> str:
+    """The URL of ``path`` (from ``fs.glob``) spelt like ``argument``, its chain kept."""
+    prefix, _, chain = _split_url(argument)
+    return prefix + path + chain if chain else fs.unstrip_protocol(path)
 
 
 def _from_csv(argument: str) -> list[InputImage]:
@@ -128,7 +154,7 @@ def _from_csv(argument: str) -> list[InputImage]:
     if "image_path" not in (reader.fieldnames or []):
         raise UsageError(f"INPUT CSV {one_line(argument, 120)!r} has no image_path column "
                          f"(its columns: {', '.join(reader.fieldnames or []) or 'none'})")
-    folder = argument.rsplit("/", 1)[0] if "/" in argument else ""
+    folder = _parent(argument)
     images = []
     for number, row in enumerate(reader, start=2):
         value = (row.get("image_path") or "").strip()
