@@ -54,7 +54,6 @@ def demo_command(output: str | None, epochs: int, image_size: int, num_workers: 
     from cdft_core.data.splits import prepare_with_summary
     from cdft_core.data.synthetic import make_synthetic_breakhis
     from cdft_core.data.tables import write_split_file
-    from cdft_core.experiments.grid import check_settings
     from cdft_core.training import engine
     from cdft_core.training.preflight import preflight
     from cdft_core.training.rundir import RunDir
@@ -72,7 +71,7 @@ def demo_command(output: str | None, epochs: int, image_size: int, num_workers: 
         max_steps_per_epoch=max_steps_per_epoch, runs_dir=workdir.join("runs"), log_every=10,
     )
     # every option checked (as `cdft run` checks them) before anything is written: a bad one leaves no files
-    check_settings(config)
+    validate(config, values_only=True)
     preflight(config)
     click.echo("cdft demo: the images are SYNTHETIC (coloured textures in the BreakHis folder layout, not "
                f"histology) and the backbone ({DEMO_BACKBONE}) has RANDOM weights; this checks the machinery, "

@@ -41,8 +41,8 @@ def eval_command(target: str, split: str, split_file: str | None, data_root: str
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     workers = check_num_workers(num_workers)
     resolve_device(device)  # a device this machine lacks: one usage line before any work
-    model_file(target)  # a split CSV or other non-checkpoint: a usage error, not a safetensors failure
-    result = evaluate_checkpoint(target, split=split, split_file=split_file, data_root=data_root,
+    # the run's checkpoint, found once; a split CSV or other non-checkpoint: a usage error, not a safetensors failure
+    result = evaluate_checkpoint(model_file(target), split=split, split_file=split_file, data_root=data_root,
                                  batch_size=batch_size, num_workers=workers, device=device)
     meta = result.metadata
     if as_json:
